@@ -1,0 +1,217 @@
+"""Typed run configuration: dataclasses, YAML in and out, and ``key=value`` overrides.
+
+A run is fully described by one :class:`RunConfig`; the trainer saves the resolved config as
+``config.yaml`` in every run directory so that a run can be read, repeated and resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"          # built-in name (digits, fashion-mnist) or an image folder
+    img_size: int = 32              # images are decoded and resized to this side once
+    subset: int = 0                 # >0: train on a fixed random subset of this many images
+    num_workers: int = 2            # decoding workers for image folders (built-ins need none)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18_cifar"
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    temperature: float = 0.2
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+
+
+@dataclass
+class AugConfig:
+    """The two-view augmentation; see keel.data.views.ViewConfig for the meaning of each field."""
+    scale_min: float = 0.2
+    hflip: float = 0.5
+    jitter_p: float = 0.8
+    jitter: float = 0.4             # brightness, contrast and saturation strength
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0             # SimCLR uses 0.5 at 224 px; too destructive at 32 px
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256           # global batch, split across processes
+    optimizer: str = "adamw"        # adamw | lars | sgd
+    lr: float = 1e-3                # base lr for a batch of 256, scaled linearly with batch size
+    weight_decay: float = 1e-4      # never applied to norms and biases
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    clip_grad: float = 0.0          # 0 = no clipping
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    channels_last: bool = True      # only used for conv nets on GPU
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    ckpt_every: int = 0             # steps between checkpoints; 0 = once per epoch
+    log_every: int = 10             # steps between metric lines
+    knn_every: int = 1              # epochs between kNN monitors; 0 = off
+    knn_subset: int = 5000          # monitor on at most this many train/test images
+    out_dir: str = "runs"
+    run_name: str = ""              # default: <method>-<model>-<data>-<time>
+    max_steps: int = 0              # >0: stop after this many steps (for tests and dry runs)
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_t: float = 0.1
+    linear_epochs: int = 100
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value, tp, key: str):
+    """Turn a YAML value into the field's declared type, or fail with a clear message."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors (typos must not pass)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.epochs=3", "model.name=vit_tiny"]`` -> nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for i, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with '{'.'.join(parts[:i + 1])}' set to a value")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls=RunConfig, defaults: dict | None = None):
+    """Defaults, then ``defaults`` (a sub-command's own), then the YAML file, then overrides."""
+    data = to_dict(cls())
+    if defaults:
+        data = merge(data, defaults)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, train:, ...), "
+                              f"got {type(loaded).__name__}")
+        data = merge(data, loaded)
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

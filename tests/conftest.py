@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny, fast run configuration (seconds on 2 CPU cores)."""
+from __future__ import annotations
+
+import pytest
+
+from keel.config import load_config
+
+# digits at 8x8, a 256-image subset, batch 64 -> 4 steps per epoch; no kNN monitor, a metric
+# line every step. Small projector so that the head costs nothing next to the backbone.
+TINY_OVERRIDES = [
+    "data.source=digits",
+    "data.img_size=8",
+    "data.subset=256",
+    "data.num_workers=0",
+    "model.name=resnet10_cifar",
+    "method.proj_hidden_dim=64",
+    "method.proj_dim=32",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "train.warmup_epochs=0.5",
+    "train.knn_every=0",
+    "train.log_every=1",
+    "train.device=cpu",
+]
+TINY_STEPS_PER_EPOCH = 256 // 64
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """The tiny config as CLI-style ``key=value`` overrides, writing under tmp_path."""
+    return TINY_OVERRIDES + [f"train.out_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg("train.epochs=1", ...)`` -> the tiny RunConfig with extra overrides on top."""
+    def make(*extra: str):
+        return load_config(None, TINY_OVERRIDES + [f"train.out_dir={tmp_path / 'runs'}", *extra])
+    return make
+
+
+@pytest.fixture
+def tiny_cfg(make_cfg):
+    return make_cfg()
