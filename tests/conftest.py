@@ -31,6 +31,16 @@ def tiny_overrides(tmp_path):
     return TINY_OVERRIDES + [f"train.out_dir={tmp_path / 'runs'}"]
 
 
+@pytest.fixture(scope="session")
+def tiny_cfg_factory(tmp_path_factory):
+    """Session-wide ``make("train.epochs=1", ...)`` -> the tiny RunConfig with extra overrides."""
+    out_dir = tmp_path_factory.mktemp("runs")
+
+    def make(*extra: str):
+        return load_config(None, TINY_OVERRIDES + [f"train.out_dir={out_dir}", *extra])
+    return make
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """``make_cfg("train.epochs=1", ...)`` -> the tiny RunConfig with extra overrides on top."""

@@ -55,6 +55,11 @@ what it does: pretrains a small ResNet with SimCLR on scikit-learn's digits (1,7
 upscaled), then evaluates kNN and linear probe for the pretrained backbone and for the same
 backbone at random init, prints the table and writes a report (PNG + JSON) to the run directory.
 Takes about 3 minutes on 2 CPU cores.
+
+examples:
+  keel demo
+  keel demo --epochs 5 --out runs/quick-demo
+  keel demo train.epochs=30 --device cuda
 """
 
 
@@ -117,6 +122,7 @@ def _version() -> str:
 
 # ---------------------------------------------------------------- sub-commands
 def cmd_pretrain(args) -> int:
+    from keel.engine.distributed import rank
     from keel.engine.pretrain import pretrain
 
     if args.resume:
@@ -130,6 +136,8 @@ def cmd_pretrain(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         result = pretrain(cfg, args.out)
+    if rank() != 0:
+        return 0
     print(f"done: {result['steps']} steps, final loss {result['loss']:.4f}"
           + (f", kNN top-1 {result['knn']:.2f}%" if result["knn"] is not None else "")
           + f"\nbackbone: {result['run_dir']}/backbone.safetensors")
@@ -166,7 +174,7 @@ def cmd_eval(args) -> int:
                           amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
     print(f"{args.checkpoint} on {args.data} ({len(train)} train / {len(test)} test images)")
     for k, v in res.items():
-        print(f"  {k:<16} {v:6.2f}")
+        print(f"  {k:<18} {v:6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 
@@ -26,8 +26,10 @@ def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` and move the result over ``path`` only once it is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Not tempfile.mkstemp: its files are 0600, and os.replace would keep that mode, so other
+    # users could not read a shared run's artifacts. O_EXCL + 0666 honours the umask instead.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write_fn(tmp)
         with open(tmp, "rb") as f:

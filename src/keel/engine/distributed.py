@@ -71,7 +71,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        # A copy: all_reduce works in place, and the incoming gradient may be a tensor the caller
+        # still holds (e.g. grad_outputs given to backward / autograd.grad).
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         n = grad.shape[0] // dist.get_world_size()
         r = dist.get_rank()

@@ -43,6 +43,6 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     if not quiet and trainer.dist.is_main:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
         print(f"{cfg.method.name} · {cfg.model.name} ({n_params:.1f}M) · {cfg.data.source}: {len(data)} images"
-              f" · {cfg.train.epochs} epochs · batch {cfg.train.batch_size} · {trainer.device}"
+              f" · {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} · batch {cfg.train.batch_size} · {trainer.device}"
               f" × {trainer.dist.world_size} → {trainer.run_dir}")
     return trainer.fit(method, data, monitor)

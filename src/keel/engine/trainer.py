@@ -73,9 +73,17 @@ class Trainer:
             data, batch_sampler=[b.tolist() for b in batches], num_workers=self.cfg.data.num_workers,
             collate_fn=collate_skip, pin_memory=self.device.type == "cuda",
             persistent_workers=False)
-        for batch in loader:
+        for idx, batch in zip(batches, loader):
             self.skipped.update(batch["skipped"].tolist())
-            yield batch["images"].to(self.device, non_blocking=True)
+            images = batch["images"]
+            if len(images) == 0:
+                raise TrainingError(f"no image of a batch of {len(idx)} could be decoded ({len(self.skipped)} "
+                                    f"files skipped so far): is data.source really a folder of images?")
+            if len(images) < len(idx):
+                # Refill from the batch's own good images: every process keeps the same batch
+                # size (collectives need it) and compiled graphs keep a static shape.
+                images = images[torch.arange(len(idx)) % len(images)]
+            yield images.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- the loop
     def fit(self, method: nn.Module, data, monitor=None) -> dict:
@@ -109,6 +117,10 @@ class Trainer:
             state = load_checkpoint(self.run_dir, map_location=self.device)
             method.load_state_dict(state["method"])
             optimizer.load_state_dict(state["optimizer"])
+            saved_bs = state.get("config", {}).get("train", {}).get("batch_size", tc.batch_size)
+            if saved_bs != tc.batch_size:
+                raise TrainingError(f"the checkpoint was trained with train.batch_size={saved_bs}; resuming with "
+                                    f"{tc.batch_size} would not continue the same run")
             step, self.history = state["step"], state["history"]
             self.skipped = set(state.get("skipped", []))
             self._truncate_metrics(step)
@@ -125,7 +137,7 @@ class Trainer:
         if tc.compile:
             model = torch.compile(model)
 
-        writer = self._tb_writer() if is_main else None
+        writer = self._tb_writer(purge_step=step + 1 if self.resume else None) if is_main else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if is_main else None
         max_steps = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
         bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.method.name}", unit="step", dynamic_ncols=True,
@@ -213,7 +225,7 @@ class Trainer:
         if D.all_reduce_max(bad.to(torch.float32)).item() > 0:
             where = (f"the last good checkpoint (step {last_ckpt}) is kept in {self.run_dir / 'checkpoints'}"
                      if last_ckpt else "no checkpoint had been written yet")
-            raise TrainingError(f"loss became NaN or inf before step {step}; {where}. "
+            raise TrainingError(f"loss became NaN or inf at or before step {step}; {where}. "
                                 f"Lower train.lr, set train.clip_grad, or use train.precision=fp32.")
 
     def _save(self, method: nn.Module, optimizer, step: int, last: bool) -> None:
@@ -231,12 +243,13 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in keep))
 
-    def _tb_writer(self):
+    def _tb_writer(self, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
             return None
-        return SummaryWriter(str(self.run_dir / "tb"))
+        # On resume, hide events logged after the checkpoint (they are redone), as for metrics.jsonl.
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
     def _knn_monitor(self, method, monitor, step, steps_per_epoch, writer, metrics_file) -> None:
         """kNN top-1 (k=20) of the current backbone; computed on rank 0 while others wait."""
@@ -274,7 +287,7 @@ class Trainer:
         export_backbone(method.backbone, self.run_dir, card)
         from keel.show import plot_run
         plot_run(self.history, self.run_dir / "curves.png")
-        if not self.quiet:
+        if not self.quiet and getattr(data, "paths", None) is not None:
             print(f"{len(self.skipped)} files skipped" + (f" (list in {self.run_dir / 'skipped.txt'})" if self.skipped else ""))
 
 

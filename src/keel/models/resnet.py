@@ -57,7 +57,8 @@ class ResNet(nn.Module):
             stride = 4
         else:
             raise ValueError(f"unknown stem '{cfg.stem}' (cifar | imagenet)")
-        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        # on the CPU explicitly: under a meta-device context (keel models) .tolist() would fail
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         stages, cin, i, self.feature_info = [], w0, 0, []
         for s, (depth, width) in enumerate(zip(cfg.depths, cfg.widths)):
             blocks = []

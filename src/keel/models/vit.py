@@ -64,7 +64,8 @@ class VisionTransformer(nn.Module):
         self.grid = cfg.img_size // cfg.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, cfg.dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # on the CPU explicitly: under a meta-device context (keel models) .tolist() would fail
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.num_features = cfg.dim

@@ -1,0 +1,168 @@
+"""keel.engine.optim: no-decay groups, LARS against a hand computation, warm-up + cosine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from keel.engine.optim import LARS, build_optimizer, cosine_lr, param_groups
+from keel.models.registry import create_model
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.bn = nn.BatchNorm2d(4)
+        self.enc = _Tokens()
+        self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(()))     # a 0-d parameter (e.g. a learned temperature)
+
+
+def _names(model, group):
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_param_groups_split():
+    m = _Tiny()
+    decay, no_decay = param_groups(m, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert decay["lars_exclude"] is False and no_decay["lars_exclude"] is True
+    assert _names(m, decay) == {"conv.weight", "lin.weight"}
+    assert _names(m, no_decay) == {"cls_token", "pos_embed", "enc.mask_token", "conv.bias", "lin.bias",
+                                   "norm.weight", "norm.bias", "bn.weight", "bn.bias", "scale"}
+    # frozen parameters are in neither group
+    assert "frozen" not in _names(m, decay) | _names(m, no_decay)
+
+
+def test_param_groups_on_a_vit():
+    m = create_model("vit_tiny_patch4_32")
+    decay, no_decay = param_groups(m, 0.1)
+    d, nd = _names(m, decay), _names(m, no_decay)
+    every = {n for n, _ in m.named_parameters()}
+    assert d | nd == every and not d & nd
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    for n, p in m.named_parameters():
+        expect_no_decay = p.ndim <= 1 or n in ("cls_token", "pos_embed")
+        assert (n in nd) == expect_no_decay, n
+    assert {"cls_token", "pos_embed"} <= nd
+    assert "patch_embed.proj.weight" in d and "blocks.0.attn.qkv.weight" in d
+
+
+def test_build_optimizer_kinds():
+    m = _Tiny()
+    adamw = build_optimizer("adamw", m, lr=0.1, weight_decay=0.05)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert all("lars_exclude" not in g for g in adamw.param_groups)
+    sgd = build_optimizer("sgd", m, lr=0.1, weight_decay=0.05, momentum=0.8)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.05, 0.0]
+    lars = build_optimizer("lars", m, lr=0.1, weight_decay=0.05)
+    assert isinstance(lars, LARS)
+    assert [g["lars_exclude"] for g in lars.param_groups] == [False, True]
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        build_optimizer("adam", m, lr=0.1, weight_decay=0.0)
+
+
+def _norm(rows):
+    return math.sqrt(sum(v * v for r in rows for v in r))
+
+
+def test_lars_two_steps_match_hand_computation():
+    lin = nn.Linear(2, 2)
+    w0 = [[3.0, 4.0], [0.0, 0.0]]
+    b0 = [1.0, -2.0]
+    gw = [[1.0, 0.0], [0.0, 1.0]]
+    gb = [0.5, 0.25]
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(w0, dtype=torch.float64).float())
+        lin.bias.copy_(torch.tensor(b0))
+    lr, mom, wd, eta = 0.5, 0.9, 0.1, 0.02
+    opt = LARS(param_groups(lin, wd), lr=lr, momentum=mom, eta=eta)
+
+    # --- by hand, in Python floats
+    def lars_dir(w):
+        d = [[gw[i][j] + wd * w[i][j] for j in range(2)] for i in range(2)]
+        trust = eta * _norm(w) / _norm(d)
+        return [[trust * v for v in r] for r in d]
+
+    w, b = [r[:] for r in w0], b0[:]
+    buf_w, buf_b = None, None
+    for _ in range(2):
+        d = lars_dir(w)
+        # first step: buffer = update (PyTorch SGD convention); then buffer = m * buffer + update
+        buf_w = d if buf_w is None else [[mom * buf_w[i][j] + d[i][j] for j in range(2)] for i in range(2)]
+        buf_b = gb[:] if buf_b is None else [mom * buf_b[k] + gb[k] for k in range(2)]
+        w = [[w[i][j] - lr * buf_w[i][j] for j in range(2)] for i in range(2)]
+        b = [b[k] - lr * buf_b[k] for k in range(2)]
+
+        lin.weight.grad = torch.tensor(gw)
+        lin.bias.grad = torch.tensor(gb)
+        opt.step()
+        torch.testing.assert_close(lin.weight.detach(), torch.tensor(w), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(lin.bias.detach(), torch.tensor(b), rtol=1e-6, atol=1e-7)
+
+    # the trust ratio really mattered: a plain SGD step would have moved the weight far more
+    assert abs(lin.weight[0, 0].item() - 3.0) < 0.2      # plain SGD: > 0.6
+
+
+def test_lars_zero_weight_uses_unit_trust_and_skips_missing_grads():
+    w = nn.Parameter(torch.zeros(2, 2))
+    other = nn.Parameter(torch.ones(3, 3))
+    opt = LARS([{"params": [w, other], "weight_decay": 0.1, "lars_exclude": False}], lr=0.1, momentum=0.9)
+    w.grad = torch.full((2, 2), 2.0)
+    opt.step()
+    # ||w|| = 0: the trust ratio would be 0 and the weight could never move; it must be 1
+    torch.testing.assert_close(w.detach(), torch.full((2, 2), -0.2))
+    torch.testing.assert_close(other.detach(), torch.ones(3, 3))   # no grad: untouched
+    assert other not in opt.state
+
+
+def test_lars_excluded_group_has_no_weight_decay_or_trust():
+    p = nn.Parameter(torch.tensor([10.0, -10.0]))
+    opt = LARS([{"params": [p], "weight_decay": 0.5, "lars_exclude": True}], lr=0.1, momentum=0.9)
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([9.9, -10.1]))
+
+
+def test_cosine_lr_hand_values():
+    base, lo, warm, total = 1.0, 0.1, 10, 110
+    # linear warm-up reaching base_lr on the last warm-up step
+    assert cosine_lr(0, total, base, warm, lo) == pytest.approx(0.1)
+    assert cosine_lr(4, total, base, warm, lo) == pytest.approx(0.5)
+    assert cosine_lr(9, total, base, warm, lo) == pytest.approx(1.0)
+    ws = [cosine_lr(s, total, base, warm, lo) for s in range(warm)]
+    diffs = [b - a for a, b in zip(ws, ws[1:])]
+    assert all(d == pytest.approx(0.1) for d in diffs)
+    # cosine: starts at base, midpoint is the mean, ends (and stays) at min
+    assert cosine_lr(10, total, base, warm, lo) == pytest.approx(1.0)
+    assert cosine_lr(60, total, base, warm, lo) == pytest.approx((base + lo) / 2)
+    assert cosine_lr(35, total, base, warm, lo) == pytest.approx(lo + 0.5 * (base - lo) * (1 + math.cos(math.pi / 4)))
+    assert cosine_lr(110, total, base, warm, lo) == pytest.approx(lo)
+    assert cosine_lr(500, total, base, warm, lo) == pytest.approx(lo)
+    # monotone decay after warm-up
+    cs = [cosine_lr(s, total, base, warm, lo) for s in range(warm, total + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(cs, cs[1:]))
+
+
+def test_cosine_lr_without_warmup():
+    assert cosine_lr(0, 100, 2.0) == pytest.approx(2.0)
+    assert cosine_lr(50, 100, 2.0) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 2.0) == pytest.approx(0.0)
+    # a degenerate schedule (total == warm-up) does not divide by zero
+    assert cosine_lr(5, 5, 1.0, 5) == pytest.approx(1.0)

@@ -1,0 +1,130 @@
+"""The ``keel`` command, called in-process (plus one real ``python -m keel``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from keel.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["pretrain"], ["eval"], ["demo"], ["models"]], ids=lambda a: a[0] if a else "keel")
+def test_help_has_examples(argv, capsys):
+    text = _help(argv + ["--help"], capsys)
+    assert text.startswith("usage: keel")
+    assert "example" in text
+    # at least one runnable example line for this very command
+    prefix = "  keel " + (argv[0] if argv else "")
+    assert any(line.startswith(prefix) for line in text.splitlines()), text
+
+
+def test_pretrain_help_lists_config_keys(capsys):
+    text = _help(["pretrain", "--help"], capsys)
+    for key in ("train:", "epochs=10", "data:", "source='digits'", "eval:", "knn_k=[20, 200]"):
+        assert key in text
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "usage: keel" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import keel
+    assert _help(["--version"], capsys).strip() == f"keel {keel.__version__}"
+
+
+def test_models_lists_sizes(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.split()[0] == "resnet18_cifar")
+    assert row.split()[1] == "11.17"
+    assert any(line.split()[0] == "vit_tiny_patch4_32" for line in lines[1:])
+
+
+def test_models_filter(capsys):
+    assert main(["models", "resnet"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names and all("resnet" in n for n in names)
+
+
+def test_missing_data_fails_before_any_run_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "data.source=/nonexistent"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "/nonexistent" in err[0] and err[0].startswith("keel pretrain: error:")
+    assert os.listdir(tmp_path) == []        # no runs/ folder, no run directory
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["pretrain", "train.epoch=3"], "train.epoch"),
+    (["pretrain", "train.epochs=abc"], "train.epochs"),
+    (["pretrain", "trainepochs"], "trainepochs"),
+    (["pretrain", "-c", "missing.yaml"], "missing.yaml"),
+    (["pretrain", "model.name=resnet99"], "resnet99"),
+    (["pretrain", "--resume", "not-a-run"], "not-a-run"),
+    (["eval", "knn", "--checkpoint", "no/such/run"], "no/such/run"),
+    (["eval", "knn", "--checkpoint", "random:resnet99"], "resnet99"),
+])
+def test_user_errors_exit_2_with_one_line(argv, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEEL_DEBUG", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_pretrain_resume_then_eval_knn(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *tiny_overrides, "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out and str(run / "backbone.safetensors") in out
+
+    # continue the same run for one more epoch
+    assert main(["pretrain", "--resume", str(run), "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 4" in out and "done: 8 steps" in out
+
+    res_file = tmp_path / "res.json"
+    assert main(["eval", "knn", "--checkpoint", str(run), "--data", "digits", "--json", str(res_file)]) == 0
+    out = capsys.readouterr().out
+    assert "knn_top1@20" in out and "knn_top1@200" in out and "linear" not in out
+    res = json.loads(res_file.read_text())
+    assert 0 <= res["knn_top1@20"] <= 100
+
+
+def test_eval_linear_random_baseline(capsys):
+    argv = ["eval", "linear", "--checkpoint", "random:resnet10_cifar", "--data", "digits", "--img-size", "8",
+            "--epochs", "5", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "linear_top1" in out and "knn" not in out
+    acc = float(next(line for line in out.splitlines() if "linear_top1" in line).split()[-1])
+    assert 0 <= acc <= 100
+
+
+def test_python_dash_m_keel():
+    proc = subprocess.run([sys.executable, "-m", "keel", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: keel")
