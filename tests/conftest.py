@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from keel.config import load_config
 
@@ -23,6 +24,16 @@ TINY_OVERRIDES = [
     "train.device=cpu",
 ]
 TINY_STEPS_PER_EPOCH = 256 // 64
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # One intra-op thread for the whole suite: runs that are compared bit for bit must sum floats
+    # in the same order, and on a 2-core box the tiny tensors here only lose to thread hand-offs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

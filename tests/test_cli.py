@@ -12,14 +12,6 @@ import torch
 from keel.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _help(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -128,3 +120,11 @@ def test_python_dash_m_keel():
     proc = subprocess.run([sys.executable, "-m", "keel", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: keel")
+
+
+def test_overrides_may_follow_options(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", *tiny_overrides[:3], "--out", str(run), *tiny_overrides[3:], "train.epochs=1"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--out", str(tmp_path / "r2"), "--bogus", *tiny_overrides])

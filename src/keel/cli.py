@@ -160,13 +160,12 @@ def _load_for_eval(spec: str, img_size: int | None):
 def cmd_eval(args) -> int:
     import torch
 
-    from keel.data.sources import build_dataset
+    from keel.data.sources import labeled_splits
     from keel.engine.distributed import resolve_device
     from keel.evaluate.frozen import evaluate_frozen
 
     backbone, size = _load_for_eval(args.checkpoint, args.img_size)
-    train = build_dataset(args.data, "train", size, labeled=True)
-    test = build_dataset(args.data, "test", size, labeled=True)
+    train, test = labeled_splits(args.data, size)
     device = resolve_device(args.device)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
     res = evaluate_frozen(backbone.to(device), train, test, size, device, protocols=protocols, ks=args.k,
@@ -211,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     from keel.engine.trainer import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (keel demo --epochs 5 train.lr=0.01)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if not args.command:
         parser.print_help()
         return 0

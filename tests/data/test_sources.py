@@ -557,3 +557,24 @@ def test_subset_deterministic(tmp_path):
     for p, lab in zip(f1.paths, f1.labels.tolist()):
         assert f1.classes[lab] == os.path.basename(os.path.dirname(p))
     assert len(build_dataset(str(tmp_path), labeled=True)) == 12  # the full one is untouched
+
+
+def test_labeled_splits_holds_out_every_fifth_file_of_an_unsplit_folder(tmp_path):
+    root = tmp_path / "shapes"
+    for i in range(10):
+        _save(root / ("a" if i % 2 else "b") / f"{i:02d}.png", (i * 20, 0, 0))
+    train, test = S.labeled_splits(str(root), img_size=4)
+    assert len(train) == 8 and len(test) == 2
+    assert not set(train.paths) & set(test.paths)
+    full = build_dataset(str(root), img_size=4, labeled=True)
+    assert test.paths == [full.paths[0], full.paths[5]]
+
+
+def test_labeled_splits_uses_split_folders_and_builtins_as_they_are(tmp_path):
+    for split in ("train", "val"):
+        for c in ("x", "y"):
+            _save(tmp_path / "d" / split / c / "1.png", (1, 2, 3))
+    train, test = S.labeled_splits(str(tmp_path / "d"), img_size=4)
+    assert all("/train/" in p for p in train.paths) and all("/val/" in p for p in test.paths)
+    tr, te = S.labeled_splits("digits", img_size=8)
+    assert len(tr) + len(te) == 1797 and len(te) == 360

@@ -23,16 +23,6 @@ from keel.models.registry import create_model
 STEPS_PER_EPOCH = 4   # 256 images, batch 64 (see conftest)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the same thread count for every run of the module (float sums must not change between
-    # the runs that are compared) and no fight over a busy 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class NaNAfter(SimCLR):
     """SimCLR whose loss becomes NaN from step ``nan_at`` (1-based) on."""
     nan_at = 10 ** 9

@@ -9,15 +9,6 @@ from torch import nn
 from keel.evaluate.features import cached_features, extract_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second thread gains nothing and is very slow on a busy 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def transform(images):
     return (images.float() / 255.0 - 0.5) / 0.25
 

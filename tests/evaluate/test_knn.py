@@ -8,15 +8,6 @@ from keel.evaluate.knn import knn_eval, knn_predict
 from keel.evaluate.linear import accuracy_topk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second thread gains nothing and is very slow on a busy 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blobs(n, num_classes, dim, sep, seed):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(num_classes, dim, generator=g) * sep

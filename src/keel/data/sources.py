@@ -631,3 +631,18 @@ def build_dataset(
         keep = torch.randperm(len(dataset), generator=generator)[:subset].sort().values
         dataset = dataset.subset(keep)
     return dataset
+
+
+def labeled_splits(source: str, img_size: int = 32) -> tuple[InMemoryImages | ImageFolder, InMemoryImages | ImageFolder]:
+    """Labeled (train, test) for evaluation. Built-ins and folders with train/test (or val)
+    sub-folders use their own split; any other labeled folder holds out every 5th image (in
+    sorted path order) as test, as ``digits`` does, so that accuracy is never measured on the
+    images the classifier was fitted on."""
+    train = build_dataset(source, "train", img_size, labeled=True)
+    test = build_dataset(source, "test", img_size, labeled=True)
+    if getattr(train, "paths", None) is not None and train.paths == test.paths:
+        ids = torch.arange(len(train))
+        train, test = train.subset(ids[ids % 5 != 0]), train.subset(ids[ids % 5 == 0])
+        if len(set(train.labels.tolist())) < 2 or len(test) == 0:
+            raise DataError(f"'{source}' is too small to hold out a test split (needs images of 2+ classes)")
+    return train, test

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from keel.config import RunConfig
-from keel.data.sources import DataError, build_dataset
+from keel.data.sources import DataError, build_dataset, labeled_splits
 from keel.engine.trainer import Trainer, model_kwargs
 from keel.methods.base import build_method
 from keel.models.registry import create_model
@@ -22,13 +22,9 @@ def default_run_dir(cfg: RunConfig) -> Path:
 def monitor_data(cfg: RunConfig):
     """Labeled train/test splits for the kNN monitor, or None when the data has no labels."""
     try:
-        train = build_dataset(cfg.data.source, "train", cfg.data.img_size, labeled=True)
-        test = build_dataset(cfg.data.source, "test", cfg.data.img_size, labeled=True)
+        return labeled_splits(cfg.data.source, cfg.data.img_size)
     except DataError:
         return None
-    if getattr(train, "paths", None) is not None and train.paths == test.paths:
-        return None  # one folder without a held-out split: a monitor on training images says little
-    return train, test
 
 
 def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
