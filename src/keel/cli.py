@@ -46,15 +46,16 @@ examples:
   keel eval knn --checkpoint runs/my-run --data digits
   keel eval all --checkpoint runs/my-run/backbone.safetensors --data fashion-mnist --img-size 32
   keel eval linear --checkpoint random:resnet10_cifar --data digits    # an untrained baseline
-  keel eval knn --checkpoint runs/my-run --data path/to/labeled   # one sub-folder per class,
-                                                                  # with train/ and test/ inside
+  keel eval knn --checkpoint runs/my-run --data path/to/labeled   # one sub-folder per class;
+                                                                  # train/ + test/ inside, or every
+                                                                  # 5th image is held out as test
 """
 
 DEMO_EPILOG = """\
 what it does: pretrains a small ResNet with SimCLR on scikit-learn's digits (1,797 8x8 images,
 upscaled), then evaluates kNN and linear probe for the pretrained backbone and for the same
 backbone at random init, prints the table and writes a report (PNG + JSON) to the run directory.
-Takes about 3 minutes on 2 CPU cores.
+Takes about 2 minutes on 2 CPU cores.
 
 examples:
   keel demo
