@@ -16,6 +16,14 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def family_of(name: str) -> str:
+    """The module that defines model ``name`` (where its timm key mapping lives too)."""
+    _import_families()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model '{name}'; `keel models` lists them")
+    return _MODELS[name].__module__
+
+
 def list_models(pattern: str = "") -> list[str]:
     _import_families()
     return sorted(n for n in _MODELS if pattern in n)
