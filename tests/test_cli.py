@@ -128,3 +128,11 @@ def test_overrides_may_follow_options(tiny_overrides, tmp_path, capsys):
     assert "done: 4 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["pretrain", "--out", str(tmp_path / "r2"), "--bogus", *tiny_overrides])
+
+
+def test_models_prints_gmacs_and_head_option(capsys):
+    assert main(["models", "resnet18", "--with-head"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["name", "params", "(M)", "GMACs", "at"]
+    row = next(line.split() for line in lines if line.split()[0] == "resnet18")
+    assert row[1] == "11.69" and row[2] == "1.81" and row[3] == "224"

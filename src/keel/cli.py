@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("models", help="list the backbones",
                         description="List registered backbones with their size and feature maps.",
-                        epilog="example:\n  keel models vit      # only names containing 'vit'", formatter_class=fmt)
+                        epilog="examples:\n  keel models vit              # only names containing 'vit'\n  keel models --with-head      # parameters as the papers count them (1000-class head)\n\nGMACs: multiply-accumulates for one image at the model's default resolution (column 'at px'),\nwhat papers call FLOPs.", formatter_class=fmt)
     md.add_argument("filter", nargs="?", default="", help="show only names containing this text")
+    md.add_argument("--with-head", action="store_true",
+                    help="count a 1000-class head, as papers do (default: the backbone alone)")
     return p
 
 
@@ -188,18 +190,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import torch
+    from keel import list_models
+    from keel.models.stats import model_stats
 
-    from keel import create_model, list_models
-
-    print(f"{'name':<22} {'params (M)':>10}  {'feature strides':<16} channels")
-    for name in list_models(args.filter):
-        with torch.device("meta"):  # sizes without allocating or initialising weights
-            m = create_model(name)
-        n = sum(p.numel() for p in m.parameters()) / 1e6
-        strides = ",".join(str(f["stride"]) for f in m.feature_info)
-        chans = ",".join(str(f["channels"]) for f in m.feature_info)
-        print(f"{name:<22} {n:>10.2f}  {strides:<16} {chans}")
+    names = list_models(args.filter)
+    if not names:
+        raise ValueError(f"no model name contains '{args.filter}'; `keel models` lists them all")
+    print(f"{'name':<28} {'params (M)':>10} {'GMACs':>7} {'at px':>6}  {'feature strides':<16} channels")
+    for name in names:
+        st = model_stats(name, num_classes=1000 if args.with_head else 0)
+        strides = ",".join(str(f["stride"]) for f in st["feature_info"])
+        chans = ",".join(str(f["channels"]) for f in st["feature_info"])
+        print(f"{name:<28} {st['params_m']:>10.2f} {st['gmacs']:>7.2f} {st['img_size']:>6}  {strides:<16} {chans}")
     return 0
 
 
