@@ -21,7 +21,7 @@ def tiny(**kw):
 
 
 def test_registry_lists_and_builds_resnets():
-    assert keel.list_models("resnet") == RESNETS
+    assert [n for n in keel.list_models("resnet") if not n.startswith("resnetv2")] == RESNETS
     for name in RESNETS:
         with torch.device("meta"):
             m = keel.create_model(name)

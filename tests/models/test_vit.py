@@ -1,4 +1,5 @@
-"""The Vision Transformer: registry, shapes, position-embedding interpolation, drop-path, size."""
+"""The Vision Transformer: registry, shapes, position-embedding interpolation, drop-path, size,
+relative position bias, ViTDet windowed blocks, timm conversion."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,12 @@ import torch.nn as nn
 import keel
 from keel.models.layers import Attention, DropPath
 from keel.models.registry import register_model
-from keel.models.vit import VisionTransformer, ViTConfig
+from keel.convert import from_timm, to_timm
+from keel.models.layers.position import interpolate_pos_embed
+from keel.models.vit import TIMM_NAMES, VisionTransformer, ViTConfig, _bias_for_grid
 
-VITS = ["vit_base_patch16", "vit_small_patch16", "vit_tiny_patch16", "vit_tiny_patch4_32"]
+VITS = ["vit_base_patch16", "vit_small_patch16", "vit_tiny_patch16", "vit_tiny_patch4_32", "vit_large_patch16",
+        "vit_small_patch8", "vit_base_patch8", "vit_large_patch14"]
 
 
 def tiny(**kw):
@@ -49,16 +53,17 @@ def test_registry_errors():
 
 
 @pytest.mark.parametrize("name, expected", [
-    # ViT-B/16 with 1000 classes: 86,566,888 here (timm's 86,567,656 includes a position for
-    # the class token, which keel's ViT does not add)
-    ("vit_base_patch16", 86.57e6),
-    ("vit_small_patch16", 22.05e6),
-    ("vit_tiny_patch16", 5.717e6),
+    # with 1000 classes, as the papers count; pos_embed includes the class token's entry (as in
+    # timm and DeiT), so these are timm's exact counts
+    ("vit_large_patch16", 304_326_632),  # ViT-L/16: 304.3M (DeiT III README)
+    ("vit_base_patch16", 86_567_656),    # DeiT-B: 86.6M
+    ("vit_small_patch16", 22_050_664),   # DeiT-S: 22.1M
+    ("vit_tiny_patch16", 5_717_416),     # DeiT-Ti: 5.7M
 ])
 def test_parameter_count(name, expected):
     with torch.device("meta"):  # counting needs no memory and no initialisation
         m = keel.create_model(name, num_classes=1000)
-    assert n_params(m) == pytest.approx(expected, rel=1e-3)
+    assert n_params(m) == expected
 
 
 def test_embed_forward_and_head_shapes():
@@ -100,12 +105,16 @@ def test_input_not_a_multiple_of_the_patch_raises():
 
 def test_pos_embed_native_size_is_the_parameter():
     m = tiny()
-    assert m.grid == 4 and m.pos_embed.shape == (1, 16, 32)
-    assert m.pos_embed_for(4, 4) is m.pos_embed
+    # timm's layout: the class token's entry first, then the 4x4 patch grid
+    assert m.grid == 4 and m.pos_embed.shape == (1, 1 + 16, 32)
+    pe = m.pos_embed_for(4, 4)
+    assert pe.data_ptr() == m.pos_embed[:, 1:].data_ptr() and pe.shape == (1, 16, 32)  # a view
     # the interpolation path, taken at the native grid, gives back the parameter unchanged
-    pe = m.pos_embed.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    same = torch.nn.functional.interpolate(pe, size=(4, 4), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(same.permute(0, 2, 3, 1).reshape(1, 16, -1), m.pos_embed)
+    grid = m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    same = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(same.permute(0, 2, 3, 1).reshape(1, 16, -1), pe)
+    # the class token carries its own position, added before the blocks
+    torch.testing.assert_close(m.prefix_tokens(2), (m.cls_token + m.pos_embed[:, :1]).expand(2, 1, 32))
 
 
 def test_pos_embed_interpolation_keeps_rows_and_columns():
@@ -115,8 +124,9 @@ def test_pos_embed_interpolation_keeps_rows_and_columns():
     cols = rows.T.clone()                                                 # on the column only
     with torch.no_grad():
         m.pos_embed.zero_()
-        m.pos_embed[0, :, 0] = rows.reshape(-1)
-        m.pos_embed[0, :, 1] = cols.reshape(-1)
+        m.pos_embed[0, 1:, 0] = rows.reshape(-1)
+        m.pos_embed[0, 1:, 1] = cols.reshape(-1)
+        m.pos_embed[0, 0] = 7.0  # the class token's entry is never interpolated
     pe = m.pos_embed_for(8, 6).detach()            # 8 rows, 6 columns of tokens
     assert pe.shape == (1, 48, 32)
     grid_r = pe[0, :, 0].view(8, 6)
@@ -181,3 +191,181 @@ def test_attention_checks_heads_and_matches_manual_softmax():
     w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)   # scale 1/sqrt(head_dim = 4)
     ref = att.proj((w @ v).transpose(1, 2).reshape(2, 5, 8))
     torch.testing.assert_close(att(x), ref, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- larger grids, rel-pos, windows
+def test_patch_size_keyword_overrides_the_name_and_feature_map_is_stride_16():
+    m = keel.create_model("vit_tiny_patch16", img_size=64, depth=1, dim=32, num_heads=2).eval()
+    assert m.feature_info == [{"stride": 16, "channels": 32}]
+    x = torch.randn(2, 3, 64, 96)
+    (fm,) = m.feature_maps(x)
+    assert fm.shape == (2, 32, 4, 6)
+    torch.testing.assert_close(fm.flatten(2).transpose(1, 2), m.forward_tokens(x)[:, 1:])
+    p14 = keel.create_model("vit_tiny_patch16", patch_size=14, img_size=56, depth=1, dim=32, num_heads=2)
+    assert p14.grid == 4 and p14.feature_info[0]["stride"] == 14
+    assert p14.feature_maps(torch.randn(1, 3, 56, 70))[0].shape == (1, 32, 4, 5)
+
+
+def test_other_resolution_uses_the_interpolated_table():
+    # a model built at 16 px and run at 24 px == a model built at 24 px holding the resampled table
+    torch.manual_seed(0)
+    m = tiny().eval()
+    big = tiny(img_size=24).eval()
+    sd = m.state_dict()
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], interpolate_pos_embed(sd["pos_embed"][:, 1:], (4, 4), (6, 6))], 1)
+    big.load_state_dict(sd)
+    x = torch.randn(1, 3, 24, 24)
+    torch.testing.assert_close(m(x), big(x))
+
+
+def plain_and_windowed(window, global_blocks=(), **kw):
+    """Two patch-token-only ViTs with the same weights, one windowed."""
+    torch.manual_seed(0)
+    plain = tiny(class_token=False, global_pool="avg", **kw).eval()
+    win = tiny(class_token=False, global_pool="avg", window_size=window, global_blocks=global_blocks, **kw).eval()
+    win.load_state_dict(plain.state_dict())
+    return plain, win
+
+
+@pytest.mark.parametrize("window", [4, 6])  # the grid exactly; larger (padded, pad masked out)
+def test_window_covering_the_grid_is_the_plain_vit(window):
+    plain, win = plain_and_windowed(window)
+    assert [b.window for b in win.blocks] == [window, window]
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(win.forward_tokens(x), plain.forward_tokens(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain_and_windowed(2)[1](x), plain(x))  # small windows do differ
+
+
+def test_windowed_block_sees_only_its_window_and_a_global_block_everything():
+    _, m = plain_and_windowed(2, global_blocks=(1,))
+    windowed, glob = m.blocks
+    assert (windowed.window, glob.window) == (2, 0)
+    torch.manual_seed(1)
+    x = torch.randn(1, 16, 32)          # a 4x4 grid: four 2x2 windows
+    x2 = x.clone()
+    x2[0, 0] += torch.randn(32)         # token (0, 0): top-left window (not a constant: norm1 removes it)
+    in_window = torch.zeros(4, 4, dtype=torch.bool)
+    in_window[:2, :2] = True
+    in_window = in_window.view(-1)
+    with torch.no_grad():
+        a, b = windowed(x, (4, 4)), windowed(x2, (4, 4))
+        torch.testing.assert_close(a[0, ~in_window], b[0, ~in_window], rtol=0, atol=0)
+        assert (a[0, in_window] - b[0, in_window]).abs().amax(-1).min() > 1e-4
+        ga, gb = glob(x, (4, 4)), glob(x2, (4, 4))
+        assert (ga - gb)[0].abs().amax(-1).min() > 1e-4   # every token moved
+    # through the whole model: the global block carries the change to every position
+    img = torch.randn(1, 3, 16, 16)
+    img2 = img.clone()
+    img2[..., :4, :4] += torch.randn(3, 4, 4)
+    fa, fb = m.feature_maps(img)[0], m.feature_maps(img2)[0]
+    assert (fa - fb).abs().amax(1).min() > 1e-4
+
+
+def test_padded_windows_attend_to_real_tokens_only():
+    # a 3x3 grid in 2x2 windows: padded to 4x4; the bottom-right window holds one real token,
+    # which must then attend to itself alone (as a global block run on that token)
+    _, m = plain_and_windowed(2, depth=1)
+    blk = m.blocks[0]
+    torch.manual_seed(2)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        out = blk(x, (3, 3))
+        blk.window = 0
+        alone = blk(x[:, 8:9])
+        top_left = blk(x[:, [0, 1, 3, 4]])
+    torch.testing.assert_close(out[:, 8:9], alone)
+    torch.testing.assert_close(out[:, [0, 1, 3, 4]], top_left)
+
+
+def test_windowed_vit_runs_at_any_size_with_rel_pos_and_backward():
+    m = tiny(class_token=False, global_pool="avg", window_size=3, global_blocks=(0,), rel_pos=True)
+    assert m.blocks[0].rel_pos.window == (4, 4) and m.blocks[1].rel_pos.window == (3, 3)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.rel_pos.relative_position_bias_table.normal_()
+    (m.feature_maps(torch.randn(2, 3, 20, 28))[0] * torch.randn(2, 32, 5, 7)).sum().backward()
+    assert all(blk.rel_pos.relative_position_bias_table.grad.abs().sum() > 0 for blk in m.blocks)
+
+
+def test_rel_pos_starts_at_zero_and_leaves_the_class_token_unbiased():
+    torch.manual_seed(0)
+    plain = tiny().eval()
+    rel = tiny(rel_pos=True).eval()
+    missing = rel.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.rel_pos.relative_position_bias_table" for i in range(2)]
+    x = torch.randn(2, 3, 16, 16)
+    # zero tables change nothing (but round-off: a zero mask picks another SDPA kernel)
+    torch.testing.assert_close(rel(x), plain(x), rtol=1e-5, atol=1e-6)
+    blk = rel.blocks[0]
+    assert blk.rel_pos.relative_position_bias_table.shape == ((2 * 4 - 1) ** 2, 2)
+    with torch.no_grad():
+        blk.rel_pos.relative_position_bias_table.normal_()
+    bias = blk._global_bias((4, 4))
+    assert bias.shape == (2, 17, 17)
+    assert not bias[:, 0].any() and not bias[:, :, 0].any()
+    torch.testing.assert_close(bias[:, 1:, 1:], blk.rel_pos())
+    # at the same offset, the same bias: (0,0)->(1,1) and (2,2)->(3,3)
+    assert torch.equal(bias[:, 1 + 0, 1 + 5], bias[:, 1 + 10, 1 + 15])
+    assert not torch.allclose(rel(x), plain(x))
+    # another grid: the table is resampled, and at the same size nothing is
+    assert blk._global_bias((6, 5)).shape == (2, 31, 31)
+    torch.testing.assert_close(_bias_for_grid(blk.rel_pos, (4, 4)), blk.rel_pos())
+    assert rel(torch.randn(1, 3, 24, 20)).shape == (1, 32)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(window_size=2), "class_token=False"),
+    (dict(class_token=False), "global_pool='avg'"),
+    (dict(global_pool="max"), "'token' or 'avg'"),
+    (dict(class_token=False, global_pool="avg", window_size=2, global_blocks=(2,)), "block indices"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_global_blocks_from_a_list_and_meta_build_of_vitdet_base():
+    with torch.device("meta"):
+        m = keel.create_model("vit_base_patch16", img_size=1024, window_size=14, global_blocks=[2, 5, 8, 11],
+                              class_token=False, global_pool="avg", rel_pos=True)
+    assert m.cfg.global_blocks == (2, 5, 8, 11)
+    assert [b.window for b in m.blocks] == [14, 14, 0] * 4
+    assert m.blocks[2].rel_pos.window == (64, 64) and m.blocks[0].rel_pos.window == (14, 14)
+
+
+# ---------------------------------------------------------------- timm
+@pytest.mark.parametrize("size", [224, 160])
+def test_matches_timm_and_converts_both_ways(size):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model(TIMM_NAMES["vit_tiny_patch16"], pretrained=False, num_classes=5, img_size=size).eval()
+    sd = ref.state_dict()
+    m = keel.create_model("vit_tiny_patch16", num_classes=5, img_size=size).eval()
+    m.load_state_dict(from_timm("vit_tiny_patch16", sd), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.embed(x), ref.forward_head(ref.forward_features(x), pre_logits=True),
+                                   rtol=1e-5, atol=1e-5)
+    back = to_timm("vit_tiny_patch16", m.state_dict())
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_conversion_refuses_keys_without_counterpart():
+    m = tiny(rel_pos=True)
+    with pytest.raises(ValueError, match="rel_pos.relative_position_bias_table"):
+        to_timm("vit_tiny_patch4_32", m.state_dict())
+    sd = tiny().state_dict()
+    sd["blocks.0.ls1.gamma"] = torch.ones(32)   # timm's layer scale (DeiT III): not in keel's ViT
+    with pytest.raises(ValueError, match="ls1.gamma"):
+        from_timm("vit_tiny_patch4_32", sd)
+
+
+def test_every_timm_name_has_the_same_parameter_count_as_timm():
+    timm = pytest.importorskip("timm")
+    assert set(TIMM_NAMES) <= set(keel.list_models())
+    for name, timm_name in TIMM_NAMES.items():
+        with torch.device("meta"):
+            ours = n_params(keel.create_model(name, num_classes=1000))
+            theirs = n_params(timm.create_model(timm_name, pretrained=False, num_classes=1000))
+        assert ours == theirs, name

@@ -43,4 +43,4 @@ def create_model(name: str, num_classes: int = 0, **kwargs) -> nn.Module:
 
 def _import_families() -> None:
     # Importing a family module runs its @register_model decorators.
-    from keel.models import resnet, vit  # noqa: F401
+    from keel.models import cswin, hybrid, resnet, resnetv2, swin, vit  # noqa: F401
