@@ -21,12 +21,12 @@ import keel
 SIZES = {"vit_tiny_patch4_32": 32, "resnet10_cifar": 32, "resnet18_cifar": 32, "resnetv2_26x1_cifar": 32}
 
 
-def check(name: str, device, size: int) -> tuple[bool, str]:
+def check(name: str, device, size: int, dtype) -> tuple[bool, str]:
     torch.manual_seed(0)
     kw = {} if name in SIZES else {"img_size": size}
-    model = keel.create_model(name, num_classes=10, **kw).to(device).train()
+    model = keel.create_model(name, num_classes=10, **kw).to(device, dtype).train()
     twin = copy.deepcopy(model)
-    x = torch.randn(2, 3, size, size, device=device)
+    x = torch.randn(2, 3, size, size, device=device, dtype=dtype)
 
     def step(m, fwd):
         out = fwd(x)
@@ -52,6 +52,9 @@ def main():
     ap.add_argument("models", nargs="*", help="default: every registered model except the largest sizes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--float64", action="store_true",
+                    help="compare in float64: separates a wrong graph from float32 reordering noise "
+                         "(weight standardization + GroupNorm gradients differ ~1e-2 in fp32)")
     args = ap.parse_args()
     device = torch.device(args.device)
     skip_big = ("large", "x3", "x4", "152x2", "101x")  # same code as their smaller siblings
@@ -61,7 +64,7 @@ def main():
         t = time.perf_counter()
         size = SIZES.get(name, args.size)
         try:
-            ok, msg = check(name, device, size)
+            ok, msg = check(name, device, size, torch.float64 if args.float64 else torch.float32)
         except Exception as e:  # report and go on: the point is the full list
             ok, msg = False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         failures += not ok
