@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from keel.models.layers.cross_attention import CSWinBlock
+from keel.models.layers.init import init_linear_trunc_normal
 from keel.models.registry import register_model
 
 
@@ -85,11 +86,7 @@ class CSWin(nn.Module):
         self.norm = nn.LayerNorm(cin)
         self.num_features = cin
         self.head = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):  # as the official code; convs keep PyTorch's default
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_trunc_normal(self)  # as the official code; convs keep PyTorch's default
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's output (not normalized), (B, C, H, W) at strides 4, 8, 16, 32."""

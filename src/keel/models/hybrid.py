@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from keel.models.layers.conv import ConvNormAct, FusedMBConv, MBConv
 from keel.models.layers.cross_attention import CSWinBlock
+from keel.models.layers.init import init_linear_trunc_normal
 from keel.models.layers.window_attention import SwinBlock
 from keel.models.registry import register_model
 
@@ -133,14 +134,7 @@ class HybridNet(nn.Module):
         self.num_features = cin
         self.norm = nn.LayerNorm(cin) if cfg.kinds[-1] == "transformer" else nn.BatchNorm2d(cin)
         self.head = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_linear_trunc_normal(self)
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)

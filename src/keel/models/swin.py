@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from keel.models.layers.init import init_linear_trunc_normal
 from keel.models.layers.window_attention import PatchMerging, SwinBlock
 from keel.models.registry import register_model
 
@@ -90,11 +91,7 @@ class SwinTransformer(nn.Module):
         self.num_features = in_dim
         self.norm = nn.LayerNorm(in_dim)
         self.head = nn.Linear(in_dim, num_classes) if num_classes else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linear_trunc_normal(self)
 
     def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
