@@ -60,19 +60,16 @@ def test_every_conv_is_weight_standardized_and_every_norm_is_groupnorm():
     ("resnetv2_50x1_bit", 64, [4, 8, 16, 32]),
     ("resnetv2_26x1_cifar", 16, [1, 2, 4, 8]),
 ])
-def test_feature_maps_match_feature_info(name, size, strides):
+def test_feature_maps_match_feature_info(name, size, strides, feature_maps_match_info):
     torch.manual_seed(0)
     m = keel.create_model(name, **TINY).eval()
     assert [f["stride"] for f in m.feature_info] == strides
     assert [f["channels"] for f in m.feature_info] == [16, 32, 32, 64]
     h, w = size, size * 3 // 2
     x = torch.randn(2, 3, h, w)
+    maps = feature_maps_match_info(m, x)
     with torch.no_grad():
-        maps = m.feature_maps(x)
         emb = m.embed(x)
-    assert len(maps) == len(m.feature_info)
-    for fm, info in zip(maps, m.feature_info):
-        assert fm.shape == (2, info["channels"], h // info["stride"], w // info["stride"])
     # pre-activation: stage outputs are raw residual sums; only the last one gets norm + ReLU
     assert all((fm < 0).any() for fm in maps[:-1]) and (maps[-1] >= 0).all()
     assert emb.shape == (2, m.num_features) and m.num_features == 64

@@ -144,7 +144,7 @@ def test_pos_embed_interpolation_keeps_rows_and_columns():
     assert m.pos_embed.grad is not None and m.pos_embed.grad.abs().sum() > 0
 
 
-def test_drop_path_only_active_in_training():
+def test_drop_path_only_active_in_training(drop_path_only_in_training):
     torch.manual_seed(0)
     m = tiny(drop_path_rate=0.5)
     rates = [blk.drop_path.p for blk in m.blocks]
@@ -152,17 +152,7 @@ def test_drop_path_only_active_in_training():
     plain = tiny()
     plain.load_state_dict(m.state_dict())
     x = torch.randn(8, 3, 16, 16)
-    m.eval(), plain.eval()
-    torch.testing.assert_close(m(x), plain(x))   # eval: drop-path is the identity
-    torch.testing.assert_close(m(x), m(x))
-    m.train(), plain.train()
-    torch.manual_seed(1)
-    a = m(x)
-    torch.manual_seed(2)
-    b = m(x)
-    assert not torch.allclose(a, b)               # train: random per-sample drops
-    torch.manual_seed(1)
-    torch.testing.assert_close(m(x), a)          # ... drawn from the global generator
+    drop_path_only_in_training(m, plain, x)
     torch.testing.assert_close(plain(x), plain(x))  # no drop-path: deterministic in train too
 
 
