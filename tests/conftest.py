@@ -63,3 +63,46 @@ def make_cfg(tmp_path):
 @pytest.fixture
 def tiny_cfg(make_cfg):
     return make_cfg()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, task, world: int = 2, timeout: float = 180) -> list[dict]:
+    """Run ``python script task`` in ``world`` processes with torchrun's environment (gloo on CPU),
+    and return each rank's ``task/rank{r}.pt``. The script's worker joins the group through
+    ``keel.engine.distributed.init_distributed("cpu")`` and saves its results there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(task)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    if any(p.returncode for p in procs):
+        raise AssertionError("worker failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode})\n{log[-4000:]}"
+                                                             for r, (p, log) in enumerate(zip(procs, logs))))
+    return [torch.load(Path(task) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="session")
+def launch_workers():
+    """``launch_workers(__file__, task_dir)`` -> [rank 0 results, rank 1 results]; see ``launch``."""
+    return launch

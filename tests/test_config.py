@@ -142,7 +142,7 @@ def test_save_load_round_trip(tmp_path):
     assert back == cfg
     assert to_dict(back) == to_dict(cfg)
     # the saved file is plain YAML with every section
-    assert set(yaml.safe_load(path.read_text())) == {"data", "model", "method", "aug", "train", "eval"}
+    assert set(yaml.safe_load(path.read_text())) == {"data", "model", "method", "aug", "train", "eval", "stages"}
 
 
 def test_string_field_keeps_numbers_as_text():

@@ -68,6 +68,10 @@ def _config_keys() -> str:
     lines = []
     for section in dataclasses.fields(RunConfig):
         sub = section.default_factory()
+        if not dataclasses.is_dataclass(sub):
+            lines.append(f"  {section.name}: a list of per-stage overrides, e.g. "
+                         "'stages=[{train: {epochs: 2}, data: {img_size: 16}}, {train: {epochs: 8}}]'")
+            continue
         items = ", ".join(f"{f.name}={getattr(sub, f.name)!r}" for f in dataclasses.fields(sub))
         lines.append(f"  {section.name}: {items}")
     return "\n".join(lines)

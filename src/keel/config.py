@@ -34,10 +34,34 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"
-    temperature: float = 0.2
-    proj_hidden_dim: int = 512
-    proj_dim: int = 128
+    """One flat section for every method; a method reads only its own keys (``keel methods``
+    lists them). ``None`` means the method's published default."""
+    name: str = "simclr"            # simclr | swav | mae | simmim | dino | mocov3 | byol | simsiam | rotation
+    temperature: float | None = None    # softmax temperature (simclr 0.2, mocov3 0.2, swav 0.1, dino student 0.1)
+    proj_hidden_dim: int | None = None  # projector MLP width
+    proj_dim: int | None = None         # projector output width
+    pred_hidden_dim: int | None = None  # predictor MLP width (byol, simsiam, mocov3)
+    momentum: float | None = None       # EMA start value, cosine to 1 (byol/dino 0.996, mocov3 0.99)
+    # swav
+    num_prototypes: int | None = None   # 3000 for ImageNet-size data
+    sinkhorn_iters: int = 3
+    sinkhorn_eps: float = 0.05
+    freeze_prototypes_epochs: float = 1.0
+    queue_length: int = 0               # features kept from earlier batches; 0 = no queue
+    queue_start_epoch: int = 15
+    # dino
+    out_dim: int | None = None          # prototypes of the DINO head (65536 for ImageNet)
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 0.0
+    center_momentum: float = 0.9
+    # mae / simmim
+    mask_ratio: float | None = None     # mae 0.75, simmim 0.6
+    mask_patch_size: int | None = None  # simmim mask unit in pixels (default: the backbone's stride 32)
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
 
 
 @dataclass
@@ -50,6 +74,11 @@ class AugConfig:
     hue: float = 0.1
     gray_p: float = 0.2
     blur_p: float = 0.0             # SimCLR uses 0.5 at 224 px; too destructive at 32 px
+    # multi-crop (swav, dino): global crops use (scale_min, 1)
+    local_crops: int | None = None  # small crops per image (None = the method's default, 6)
+    local_size: int | None = None   # their side (None = 3/7 of img_size rounded up to 8: 96 at 224)
+    local_scale_min: float = 0.05
+    local_scale_max: float = 0.4
 
 
 @dataclass
@@ -93,6 +122,10 @@ class RunConfig:
     aug: AugConfig = field(default_factory=AugConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Staged (coarse-to-fine) training: each entry overrides this config for one stage, e.g.
+    # [{train: {epochs: 5}, data: {img_size: 16}}, {train: {epochs: 10}}]. Stage i starts from
+    # stage i-1's weights and optimizer state. Empty = one stage, this config. See keel.engine.stages.
+    stages: list[dict] = field(default_factory=list)
 
 
 def to_dict(cfg) -> dict:

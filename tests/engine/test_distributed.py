@@ -126,29 +126,7 @@ def _worker(task: Path) -> None:
 
 
 # ---------------------------------------------------------------- launching the workers
-def _launch(task: Path) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for r in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                   WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(task)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    if any(p.returncode for p in procs):
-        raise AssertionError("worker failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode})\n{log[-4000:]}"
-                                                             for r, (p, log) in enumerate(zip(procs, logs))))
-    return [torch.load(task / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def _run_both(task: Path):
+def _run_both(task: Path, launch):
     """Write the inputs to ``task``, run the workers, and compute the one-process reference."""
     torch.manual_seed(0)
     method = _build_method()
@@ -158,7 +136,7 @@ def _run_both(task: Path):
     x = torch.randn(4, 3, generator=g)
     torch.save({"method": method.state_dict(), "lin": lin.state_dict(), "views": views, "x": x},
                task / "inputs.pt")
-    results = _launch(task)
+    results = launch(__file__, task, WORLD)
 
     # one process, whole batch, same weights and the same BN treatment
     method.train()
@@ -175,9 +153,9 @@ def _run_both(task: Path):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def ddp_run(tmp_path_factory, launch_workers):
     """(one-process reference, [rank 0 results, rank 1 results]), computed once for the module."""
-    return _run_both(tmp_path_factory.mktemp("ddp"))
+    return _run_both(tmp_path_factory.mktemp("ddp"), launch_workers)
 
 
 def test_collectives_in_two_processes(ddp_run):

@@ -135,9 +135,11 @@ def test_registry_builds_simclr():
     cfg = _cfg()
     m = build_method("simclr", _tiny_backbone("vit"), cfg)
     assert isinstance(m, SimCLR) and isinstance(m, Method)
-    assert m.temperature == cfg.method.temperature
-    with pytest.raises(ValueError, match="unknown method 'byol'.*simclr"):
-        build_method("byol", _tiny_backbone("vit"), cfg)
+    assert cfg.method.temperature is None and m.temperature == 0.2  # None = SimCLR's own default
+    cfg.method.temperature = 0.5
+    assert build_method("simclr", _tiny_backbone("vit"), cfg).temperature == 0.5
+    with pytest.raises(ValueError, match="unknown method 'nosuch'.*simclr"):
+        build_method("nosuch", _tiny_backbone("vit"), cfg)
 
 
 def test_make_views_shapes_dtype_and_determinism():

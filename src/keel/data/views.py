@@ -381,3 +381,21 @@ class BatchAugment(torch.nn.Module):
 def two_views(augment: BatchAugment, images: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
     """Two independently augmented views of the same batch (drawn one after the other)."""
     return augment(images, generator), augment(images, generator)
+
+
+def local_crop_size(img_size: int) -> int:
+    """DINO's and SwAV's 96 px local crops at 224, scaled: 3/7 of the side, rounded up to 8
+    (so ViT patch sizes 4 and 8 divide it)."""
+    return max(8, math.ceil(img_size * 3 / 7 / 8) * 8)
+
+
+def multi_crop(global_augment: BatchAugment, local_augment: BatchAugment | None, images: Tensor,
+               generator: Optional[torch.Generator], n_global: int = 2, n_local: int = 0) -> list[Tensor]:
+    """SwAV's multi-crop: ``n_global`` large views then ``n_local`` small ones, each (B, 3, s, s),
+    drawn one after the other from ``generator`` (so the stream is the same on every device)."""
+    views = [global_augment(images, generator) for _ in range(n_global)]
+    if n_local:
+        if local_augment is None:
+            raise ValueError("n_local > 0 needs a local_augment")
+        views += [local_augment(images, generator) for _ in range(n_local)]
+    return views

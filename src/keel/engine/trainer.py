@@ -159,6 +159,7 @@ class Trainer:
                     cur_lr = cosine_lr(step, total_steps, lr, warmup_steps, tc.min_lr)
                     for g in optimizer.param_groups:
                         g["lr"] = cur_lr
+                    method.on_step_start(step, steps_per_epoch, total_steps)
                     with torch.no_grad():
                         views = method.make_views(images, gen)
                     with autocast:
@@ -168,6 +169,7 @@ class Trainer:
                     loss.backward()
                     if tc.clip_grad > 0:
                         nn.utils.clip_grad_norm_(method.parameters(), tc.clip_grad)
+                    method.before_optimizer_step(step, steps_per_epoch)
                     optimizer.step()
                     method.on_step_end(step, total_steps)
                     # Checked lazily (no GPU sync per step); nothing is saved before the check.

@@ -2,9 +2,18 @@
 
 The trainer calls, per step::
 
-    views = method.make_views(images_uint8_on_device, generator)   # outside autocast
+    method.on_step_start(step, steps_per_epoch, total_steps)       # schedules (temperatures, ...)
+    views = method.make_views(images_uint8_on_device, generator)   # outside autocast, no grad
     out = method(views)                                             # = training_step, under autocast
-    out["loss"].backward(); optimizer.step(); method.on_step_end(step, total_steps)
+    out["loss"].backward()
+    method.before_optimizer_step(step, steps_per_epoch)             # e.g. freeze SwAV's prototypes
+    optimizer.step()
+    method.on_step_end(step, total_steps)                           # EMA teachers
+
+Every hook gets the global step, so a resumed run calls them exactly as an unbroken one.
+State a method keeps across steps (queues, centres, teachers) lives in buffers or submodules:
+it is saved in checkpoints and restored on resume. Extra entries of ``out`` (floats or 0-d
+tensors) are logged next to the loss.
 
 ``forward`` is ``training_step`` so that DDP and ``torch.compile`` wrap the method as a whole.
 """
@@ -33,11 +42,23 @@ class Method(nn.Module):
     def forward(self, views) -> dict:
         return self.training_step(views)
 
+    def on_step_start(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
+        """Hook for per-step schedules, called before the views are made; nothing by default."""
+
+    def before_optimizer_step(self, step: int, steps_per_epoch: int) -> None:
+        """Hook between backward and the optimizer step (gradients exist); nothing by default."""
+
     def on_step_end(self, step: int, total_steps: int) -> None:
-        """Hook for EMA teachers and per-step schedules; nothing by default."""
+        """Hook for EMA teachers, after the optimizer step; nothing by default."""
+
+
+def default(value, fallback):
+    """A config value, or the method's own default when the config leaves it ``None``."""
+    return fallback if value is None else value
 
 
 _METHODS: dict[str, type[Method]] = {}
+_FAMILIES = ("simclr",)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -46,7 +67,9 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def list_methods() -> list[str]:
-    from keel.methods import simclr  # noqa: F401  (registers)
+    import importlib
+    for name in _FAMILIES:  # importing a method's module registers it
+        importlib.import_module(f"keel.methods.{name}")
     return sorted(_METHODS)
 
 

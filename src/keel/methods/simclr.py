@@ -7,9 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.config import RunConfig
-from keel.data.views import BatchAugment, ViewConfig, two_views
+from keel.data.views import BatchAugment, two_views
 from keel.engine.distributed import gather_with_grad, rank
-from keel.methods.base import Method, register_method
+from keel.methods.augment import view_config
+from keel.methods.base import Method, default, register_method
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -46,13 +47,6 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-def view_config(cfg: RunConfig) -> ViewConfig:
-    a = cfg.aug
-    return ViewConfig(size=cfg.data.img_size, scale=(a.scale_min, 1.0), hflip=a.hflip, jitter_p=a.jitter_p,
-                      brightness=a.jitter, contrast=a.jitter, saturation=a.jitter, hue=a.hue,
-                      gray_p=a.gray_p, blur_p=a.blur_p)
-
-
 @register_method
 class SimCLR(Method):
     name = "simclr"
@@ -60,8 +54,9 @@ class SimCLR(Method):
     def __init__(self, backbone: nn.Module, cfg: RunConfig):
         super().__init__(backbone, cfg)
         m = cfg.method
-        self.temperature = m.temperature
-        self.projector = ProjectionHead(backbone.num_features, m.proj_hidden_dim, m.proj_dim)
+        self.temperature = default(m.temperature, 0.2)
+        self.projector = ProjectionHead(backbone.num_features, default(m.proj_hidden_dim, 512),
+                                        default(m.proj_dim, 128))
         self.augment = BatchAugment(view_config(cfg))
 
     def make_views(self, images, generator):
