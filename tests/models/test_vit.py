@@ -359,3 +359,22 @@ def test_every_timm_name_has_the_same_parameter_count_as_timm():
             ours = n_params(keel.create_model(name, num_classes=1000))
             theirs = n_params(timm.create_model(timm_name, pretrained=False, num_classes=1000))
         assert ours == theirs, name
+
+
+def test_last_self_attention_is_the_softmax_the_last_block_applies():
+    torch.manual_seed(0)
+    m = keel.create_model("vit_tiny_patch4_32", img_size=16, depth=2, dim=48, num_heads=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    a = m.last_self_attention(x)
+    assert a.shape == (2, 3, 17, 17)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 3, 17))
+    # Applying these weights to V by hand and projecting gives the block's own attention output.
+    captured = {}
+    m.blocks[-1].attn.register_forward_hook(lambda mod, inp, out: captured.update(inp=inp[0], out=out))
+    m.forward_tokens(x)
+    attn = m.blocks[-1].attn
+    y = captured["inp"]
+    B, N, C = y.shape
+    v = attn.qkv(y).reshape(B, N, 3, 3, C // 3).permute(2, 0, 3, 1, 4)[2]
+    out = attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(out, captured["out"], atol=1e-5, rtol=1e-5)

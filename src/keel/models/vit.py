@@ -221,6 +221,20 @@ class VisionTransformer(nn.Module):
             x = blk(x, hw)
         return self.norm(x)
 
+    def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block, (B, heads, P + N, P + N): row 0 is where the
+        class token looks (DINO's attention maps). Needs a last block with global attention."""
+        last = self.blocks[-1]
+        if last.window:
+            raise ValueError("the last block attends within windows: no global attention map to show")
+        hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        x = self.patch_embed(x) + self.pos_embed_for(*hw)
+        if self.num_prefix_tokens:
+            x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
+        for blk in self.blocks[:-1]:
+            x = blk(x, hw)
+        return last.attn.attention_weights(last.norm1(x), last._global_bias(hw))
+
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.global_pool == "avg":
             return t[:, self.num_prefix_tokens:].mean(1)
