@@ -11,17 +11,20 @@ import torch.nn as nn
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weights of matrices/kernels decay; norms, biases, tokens and position
     embeddings (every parameter with fewer than 2 dims, plus tokens) do not."""
-    decay, no_decay = [], []
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "dist_token", "mask_token")):
             no_decay.append(p)
+            no_decay_names.append(name)
         else:
             decay.append(p)
+            decay_names.append(name)
+    # "names" travels in the optimizer's state dict: staged training maps state by parameter name.
     return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False, "names": decay_names},
+        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "names": no_decay_names},
     ]
 
 

@@ -1,13 +1,15 @@
 """From a config to a finished run: build data, backbone and method, then fit."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from keel.config import RunConfig
+from keel.config import RunConfig, save_config
 from keel.data.sources import DataError, build_dataset, labeled_splits
+from keel.engine.stages import export_final, stage_configs, stage_dir, stage_finished
 from keel.engine.trainer import Trainer, model_kwargs
 from keel.methods.base import build_method
 from keel.models.registry import create_model
@@ -28,6 +30,33 @@ def monitor_data(cfg: RunConfig):
 
 
 def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
+    """Run ``cfg`` (every stage of it, if it has ``stages``); returns the last stage's result."""
+    run_dir = Path(run_dir or default_run_dir(cfg))
+    stages = stage_configs(cfg)
+    if not cfg.stages:
+        return _train(cfg, run_dir, resume, quiet)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"nothing to resume in '{run_dir}' (no config.yaml)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    results, prev = [], None
+    for i, scfg in enumerate(stages, 1):
+        sdir = stage_dir(run_dir, i)
+        if resume and stage_finished(sdir):
+            card = json.loads((sdir / "card.json").read_text())
+            results.append({"run_dir": str(sdir), "steps": card["steps"], "loss": card["metrics"]["final_loss"],
+                            "knn": card["metrics"]["knn_top1"]})
+        else:
+            if not quiet:
+                print(f"stage {i}/{len(stages)}")
+            partial = resume and (sdir / "checkpoints" / "last.pt").is_file()
+            results.append(_train(scfg, sdir, partial, quiet, init_from=None if partial else prev))
+        prev = sdir
+    export_final(run_dir, prev, results)
+    return dict(results[-1], run_dir=str(run_dir), stages=results)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     data = build_dataset(cfg.data.source, "train", cfg.data.img_size, labeled=False,
                          subset=cfg.data.subset, seed=cfg.train.seed)
@@ -35,10 +64,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     torch.manual_seed(cfg.train.seed)
     backbone = create_model(cfg.model.name, **model_kwargs(cfg))
     method = build_method(cfg.method.name, backbone, cfg)
-    trainer = Trainer(cfg, run_dir or default_run_dir(cfg), resume=resume, quiet=quiet)
+    trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
     if not quiet and trainer.dist.is_main:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
         print(f"{cfg.method.name} · {cfg.model.name} ({n_params:.1f}M) · {cfg.data.source}: {len(data)} images"
               f" · {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} · batch {cfg.train.batch_size} · {trainer.device}"
               f" × {trainer.dist.world_size} → {trainer.run_dir}")
-    return trainer.fit(method, data, monitor)
+    return trainer.fit(method, data, monitor, init_from=init_from)

@@ -86,8 +86,10 @@ class Trainer:
             yield images.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- the loop
-    def fit(self, method: nn.Module, data, monitor=None) -> dict:
-        """Train ``method`` on ``data``; ``monitor`` = (train_ds, test_ds) enables the kNN monitor."""
+    def fit(self, method: nn.Module, data, monitor=None, init_from: str | Path | None = None) -> dict:
+        """Train ``method`` on ``data``; ``monitor`` = (train_ds, test_ds) enables the kNN monitor.
+        ``init_from``: a previous stage's run directory whose weights and optimizer state this run
+        starts from (ignored when resuming: the run's own checkpoint already holds them)."""
         cfg, tc, is_main = self.cfg, self.cfg.train, self.dist.is_main
         if tc.batch_size % self.dist.world_size:
             raise TrainingError(f"train.batch_size {tc.batch_size} is not divisible by {self.dist.world_size} processes")
@@ -113,6 +115,13 @@ class Trainer:
         optimizer = build_optimizer(tc.optimizer, method, lr, tc.weight_decay, tc.momentum,
                                     fused=self.device.type == "cuda")
         step = 0
+        if init_from is not None and not self.resume:
+            from keel.engine.stages import carry_over
+            moved = carry_over(method, optimizer, load_checkpoint(init_from, map_location=self.device))
+            if is_main and not self.quiet:
+                fresh = [k for k in moved["fresh"] if not k.endswith("num_batches_tracked")]
+                print(f"starting from {init_from}: {len(moved['carried'])} tensors carried over"
+                      + (f", {len(fresh)} new ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
         if self.resume:
             state = load_checkpoint(self.run_dir, map_location=self.device)
             method.load_state_dict(state["method"])
