@@ -19,6 +19,7 @@ a 5-minute tour:
   keel demo                                    # pretrain on built-in digits, compare with random init
   keel pretrain data.source=path/to/images     # self-supervised pretraining on your folder
   keel eval knn --checkpoint runs/<run> --data fashion-mnist
+  keel show neighbors --checkpoint runs/<run> --data digits   # pictures: neighbors, attention, mae
   keel models                                  # the backbones you can pretrain
 
 every sub-command has its own --help with examples.
@@ -64,6 +65,29 @@ examples:
 """
 
 
+SHOW_EPILOG = """\
+pictures:
+  neighbors  for --n query images (the test split, or random images of an unlabeled folder), their
+             --k nearest neighbours by cosine similarity of the backbone's features among a gallery
+             (the train split, or all images; at most --gallery of them). A neighbour's label is
+             green when it is the query's, red when not. Good features put same-class images together.
+  attention  where a ViT's class token looks in the last block, per head and averaged over heads
+             (as in DINO's pictures). ViT backbones only (vit_*, deit_*).
+  mae        images with most patches masked, and what a MAE decoder draws from the rest. Needs the
+             run directory of a MAE pretraining (method.name=mae): the decoder is in its checkpoint.
+
+  Writes neighbors.png / attention.png / mae.png into --out (default: the checkpoint's run directory;
+  the current directory for random:MODEL) and prints the path. Same --seed, same picture.
+
+examples:
+  keel show neighbors --checkpoint runs/my-run --data digits
+  keel show neighbors --checkpoint runs/my-run/backbone.safetensors --data path/to/images --k 5 --n 4
+  keel show neighbors --checkpoint random:resnet10_cifar --data digits --out /tmp/pics   # untrained baseline
+  keel show attention --checkpoint runs/my-vit-run --data fashion-mnist --n 4
+  keel show mae --checkpoint runs/my-mae-run               # images from the run's own data
+"""
+
+
 def _config_keys() -> str:
     lines = []
     for section in dataclasses.fields(RunConfig):
@@ -81,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,eval,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,eval,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -104,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs (default: 100)")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
+                        description="Draw what a pretrained backbone has learned, as a PNG.",
+                        epilog=SHOW_EPILOG, formatter_class=fmt)
+    sh.add_argument("picture", choices=["neighbors", "attention", "mae"])
+    sh.add_argument("--checkpoint", required=True,
+                    help="a run directory, a backbone.safetensors with its card.json, or random:MODEL "
+                         "(mae: the run directory)")
+    sh.add_argument("--data", help="built-in name or image folder (default: the data the checkpoint was pretrained on,"
+                                   " else digits)")
+    sh.add_argument("--out", metavar="DIR", help="folder for the PNG (default: the checkpoint's run directory)")
+    sh.add_argument("--n", type=int, default=8, help="images (neighbors: queries) to show (default: 8)")
+    sh.add_argument("--k", type=int, default=8, help="neighbors: neighbours per query (default: 8)")
+    sh.add_argument("--gallery", type=int, default=5000,
+                    help="neighbors: at most this many gallery images, drawn at random (default: 5000; 0: all)")
+    sh.add_argument("--img-size", type=int, help="neighbors, attention: image side (default: the one the backbone was trained "
+                                                "at; mae always uses the run's own)")
+    sh.add_argument("--seed", type=int, default=0, help="which images are drawn, and the MAE mask (default: 0)")
+    sh.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
     dm = sub.add_parser("demo", help="pretrain on built-in digits and compare with random init",
                         description="The whole pipeline in a few minutes on a laptop CPU.",
@@ -136,9 +179,9 @@ def cmd_pretrain(args) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml in it)")
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise ConfigError(f"'{run_dir}' has no checkpoint yet (checkpoints/last.pt); start it again instead")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
+        if not any(run_dir.glob("checkpoints/last.pt")) and not any(run_dir.glob("stage*/checkpoints/last.pt")):
+            raise ConfigError(f"'{run_dir}' has no checkpoint yet (checkpoints/last.pt); start it again instead")
         result = pretrain(cfg, run_dir, resume=True)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -186,6 +229,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from keel import show
+    from keel.engine.distributed import resolve_device
+
+    for flag in ("n", "k"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.gallery < 0:
+        raise ValueError(f"--gallery must be 0 (all) or more, got {args.gallery}")
+    device = resolve_device(args.device)
+    spec = args.checkpoint
+    if args.picture == "mae":
+        run_dir = show.mae_run_dir(spec)
+        out = _writable(Path(args.out) if args.out else run_dir)
+        path = show.show_mae(run_dir, args.data, out, n=args.n, seed=args.seed, device=device)
+        print(f"wrote {path}")
+        return 0
+
+    from keel.engine.checkpoint import read_card
+
+    backbone, size = _load_for_eval(spec, args.img_size)
+    if spec.startswith("random:"):
+        card, default_out, name = {}, Path("."), spec
+    else:
+        _, card = read_card(spec)
+        default_out = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+        name = default_out.resolve().name
+    data = args.data or card.get("data", {}).get("source") or "digits"
+    out = _writable(Path(args.out) if args.out else default_out)
+    if args.picture == "neighbors":
+        path = show.show_neighbors(backbone, data, out, size, n=args.n, k=args.k, gallery=args.gallery,
+                                   seed=args.seed, device=device, name=name)
+    else:
+        if not hasattr(backbone, "last_self_attention"):
+            model = card.get("model") or spec.split(":", 1)[-1]
+            raise ValueError(f"'{spec}' is a {model} backbone: attention maps need a ViT (vit_*, deit_*)")
+        path = show.show_attention(backbone, data, out, size, n=args.n, seed=args.seed, device=device, name=name)
+    print(f"wrote {path}")
+    return 0
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder '{folder}': {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write to '{folder}': choose another folder with --out DIR")
+    return folder
+
+
 def cmd_demo(args) -> int:
     from keel.demo import run_demo
 
@@ -209,7 +303,7 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ class MethodConfig:
     num_prototypes: int | None = None   # 3000 for ImageNet-size data
     sinkhorn_iters: int = 3
     sinkhorn_eps: float = 0.05
-    freeze_prototypes_epochs: float = 1.0
+    freeze_prototypes_epochs: float = 1.0   # also DINO's last head layer (official freeze_last_layer)
     queue_length: int = 0               # features kept from earlier batches; 0 = no queue
     queue_start_epoch: int = 15
     # dino

@@ -266,7 +266,7 @@ class Trainer:
         """kNN top-1 (k=20) of the current backbone; computed on rank 0 while others wait."""
         if self.dist.is_main:
             from keel.evaluate.monitor import knn_monitor
-            acc = knn_monitor(method.backbone, monitor, self.cfg, self.device, self.amp_dtype)
+            acc = knn_monitor(method.export_backbone(), monitor, self.cfg, self.device, self.amp_dtype)
             epoch = step // steps_per_epoch
             self.history["knn"].append([epoch, acc])
             metrics_file.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc}) + "\n")
@@ -295,7 +295,7 @@ class Trainer:
             "metrics": {"final_loss": result["loss"], "knn_top1": result["knn"]},
             "keel_version": _version(),
         }
-        export_backbone(method.backbone, self.run_dir, card)
+        export_backbone(method.export_backbone(), self.run_dir, card)
         from keel.show import plot_run
         plot_run(self.history, self.run_dir / "curves.png")
         if not self.quiet and getattr(data, "paths", None) is not None:

@@ -42,6 +42,11 @@ class Method(nn.Module):
     def forward(self, views) -> dict:
         return self.training_step(views)
 
+    def export_backbone(self) -> nn.Module:
+        """The network that is exported and monitored: the trained backbone, or for methods whose
+        teacher is the better model (DINO), the teacher's."""
+        return self.backbone
+
     def on_step_start(self, step: int, steps_per_epoch: int, total_steps: int) -> None:
         """Hook for per-step schedules, called before the views are made; nothing by default."""
 
@@ -58,7 +63,7 @@ def default(value, fallback):
 
 
 _METHODS: dict[str, type[Method]] = {}
-_FAMILIES = ("simclr",)
+_FAMILIES = ("simclr", "swav", "mae", "simmim", "dino", "mocov3", "byol", "simsiam", "rotation")
 
 
 def register_method(cls: type[Method]) -> type[Method]:

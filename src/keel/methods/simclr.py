@@ -21,18 +21,19 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     process's 2n anchors; the mean over processes equals the loss of one process on the whole
     batch. Computed in float32 whatever the autocast dtype.
     """
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
-    n = z1.shape[0]
-    keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])       # (2N, d), rank order
-    N = keys.shape[0] // 2
-    anchors = torch.cat([z1, z2])                                           # (2n, d)
-    logits = anchors @ keys.T / temperature
-    own = torch.arange(n, device=z1.device) + rank() * n                    # global ids of local images
-    self_idx = torch.cat([own, own + N])
-    pos_idx = torch.cat([own + N, own])
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
-    return F.cross_entropy(logits, pos_idx)
+    with torch.autocast(z1.device.type, enabled=False):  # under autocast the matmul would run in bf16
+        z1 = F.normalize(z1.float(), dim=1)
+        z2 = F.normalize(z2.float(), dim=1)
+        n = z1.shape[0]
+        keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)])       # (2N, d), rank order
+        N = keys.shape[0] // 2
+        anchors = torch.cat([z1, z2])                                           # (2n, d)
+        logits = anchors @ keys.T / temperature
+        own = torch.arange(n, device=z1.device) + rank() * n                    # global ids of local images
+        self_idx = torch.cat([own, own + N])
+        pos_idx = torch.cat([own + N, own])
+        logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
+        return F.cross_entropy(logits, pos_idx)
 
 
 class ProjectionHead(nn.Module):

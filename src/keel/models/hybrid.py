@@ -136,13 +136,29 @@ class HybridNet(nn.Module):
         self.head = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
         init_linear_trunc_normal(self)
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def feature_maps(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     mask_token: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each stage's output, (B, C, H, W) at strides 4, 8, 16, 32. ``mask`` (B, H/4, W/4) bool
+        with ``mask_token`` (widths[0],): SimMIM's input masking, the stem's output where ``mask``
+        is True is replaced by the token before the first stage."""
         x = self.stem(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(1), mask_token.reshape(1, -1, 1, 1).to(x.dtype), x)
         maps = []
         for down, stage in zip(self.downsamples, self.stages):
             x = stage(down(x))
             maps.append(x)
         return maps
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """SimMIM's encoder: the last map of :meth:`feature_maps` (masked as there), normalized
+        position by position by the final norm (which ``embed`` applies after pooling when it is
+        a LayerNorm), (B, C, H/32, W/32)."""
+        x = self.feature_maps(x, mask, mask_token)[-1]
+        if isinstance(self.norm, nn.LayerNorm):
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.feature_maps(x)[-1]

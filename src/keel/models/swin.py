@@ -93,8 +93,11 @@ class SwinTransformer(nn.Module):
         self.head = nn.Linear(in_dim, num_classes) if num_classes else nn.Identity()
         init_linear_trunc_normal(self)
 
-    def _stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _stage_outputs(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> list[torch.Tensor]:
         x = self.patch_embed(x)
+        if mask is not None:  # SimMIM: masked patches (after the embedding's norm) become the token
+            x = torch.where(mask.unsqueeze(-1), mask_token.reshape(1, 1, 1, -1).to(x.dtype), x)
         outs = []
         for stage in self.stages:
             x = stage(x)
@@ -108,14 +111,24 @@ class SwinTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean((1, 2))
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def feature_maps(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     mask_token: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each stage's output (before the next stage's patch merging) as (B, C, H, W) at strides
         4, 8, 16, 32, in channels-last memory (permuted views, no copy). The final LayerNorm exists
         for the last stage only, so only the last map is normalized (as timm's forward_features
-        and forward_intermediates(norm=True))."""
-        outs = self._stage_outputs(x)
+        and forward_intermediates(norm=True)).
+
+        ``mask`` (B, H/4, W/4) bool with ``mask_token`` (embed_dim,): SimMIM's input masking, the
+        patch embeddings where ``mask`` is True are replaced by the token before the first stage."""
+        outs = self._stage_outputs(x, mask, mask_token)
         outs[-1] = self.norm(outs[-1])
         return [o.permute(0, 3, 1, 2) for o in outs]
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """SimMIM's encoder: the normalized last map of :meth:`feature_maps` (masked as there),
+        (B, C, H/32, W/32)."""
+        return self.feature_maps(x, mask, mask_token)[-1]
 
     def forward(self, x):
         return self.head(self.embed(x))

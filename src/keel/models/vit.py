@@ -23,6 +23,10 @@ Attention runs through ``F.scaled_dot_product_attention``. Options beyond the pl
   with ``class_token=False, global_pool="avg"`` (a class token could only be global, which would
   let every windowed block mix the whole image through it).
 
+Self-supervised pretraining paths: ``forward_visible(x, keep)`` runs only the kept patches (MAE's
+encoder, no mask tokens), ``forward_tokens(x, mask, mask_token)`` / ``forward_masked`` replace the
+masked patch embeddings by a token (SimMIM's).
+
 A registry name fixes the defaults (``vit_base_patch16``: ViT-B, 16 px patches, 224 px) and
 keywords override any config field, the patch size too:
 ``create_model("vit_base_patch16", patch_size=14, img_size=518)`` is a ViT-B/14 at 518 px.
@@ -210,16 +214,51 @@ class VisionTransformer(nn.Module):
         tok = self.cls_token if self.dist_token is None else torch.cat([self.cls_token, self.dist_token], 1)
         return (tok + self.pos_embed[:, :self.num_prefix_tokens]).expand(batch, -1, -1)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> normalized tokens (B, P + N, D): the ``num_prefix_tokens`` P prefix
-        tokens (class, then distillation) first, then the patches row by row."""
+        tokens (class, then distillation) first, then the patches row by row.
+
+        ``mask`` (B, h, w) bool on the patch grid with ``mask_token`` (D,): SimMIM's input
+        masking, the embeddings of the patches where ``mask`` is True are replaced by the token
+        before the position embedding is added (so masked patches keep their position)."""
         hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
-        x = self.patch_embed(x) + self.pos_embed_for(*hw)
+        x = self.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.reshape(len(x), -1, 1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
+        x = x + self.pos_embed_for(*hw)
         if self.num_prefix_tokens:
             x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
         for blk in self.blocks:
             x = blk(x, hw)
         return self.norm(x)
+
+    def forward_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder: only the patches ``keep`` (B, K) (indices into the row-by-row patch
+        grid) go through the blocks, with the prefix tokens: (B, 3, H, W) -> normalized tokens
+        (B, P + K, D), the kept patches in the order of ``keep``. Position embeddings are added
+        before the patches are gathered, so each kept token carries its own position; no mask
+        token enters the encoder. Needs global attention without a relative position bias
+        (windows and bias tables are laid out on the full grid)."""
+        if self.cfg.window_size or self.cfg.rel_pos:
+            raise ValueError("forward_visible runs a subset of the patches: it needs a ViT without "
+                             "windowed attention (window_size=0) and without rel_pos")
+        hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
+        x = self.patch_embed(x) + self.pos_embed_for(*hw)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if self.num_prefix_tokens:
+            x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """SimMIM's encoder: :meth:`forward_tokens` with ``mask`` (B, h, w) and ``mask_token``
+        (D,), the patch tokens as a (B, D, h, w) map (stride ``patch_size``)."""
+        h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+        t = self.forward_tokens(x, mask, mask_token)[:, self.num_prefix_tokens:]
+        return t.transpose(1, 2).reshape(len(t), -1, h, w)
 
     def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block, (B, heads, P + N, P + N): row 0 is where the
@@ -244,9 +283,7 @@ class VisionTransformer(nn.Module):
         return self._pool(self.forward_tokens(x))
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
-        t = self.forward_tokens(x)[:, self.num_prefix_tokens:]
-        return [t.transpose(1, 2).reshape(len(t), -1, h, w)]
+        return [self.forward_masked(x)]
 
     def forward(self, x):
         if self.dist_token is None or isinstance(self.head, nn.Identity):
