@@ -136,3 +136,17 @@ def test_models_prints_gmacs_and_head_option(capsys):
     assert lines[0].split()[:5] == ["name", "params", "(M)", "GMACs", "at"]
     row = next(line.split() for line in lines if line.split()[0] == "resnet18")
     assert row[1] == "11.69" and row[2] == "1.81" and row[3] == "224"
+
+
+def test_finetune_and_fewshot_commands(tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "backbone=random:resnet10_cifar", "img_size=8", "epochs=1", "lr=3e-2",
+                 "device=cpu", "--out", str(out)]) == 0
+    assert "top1" in capsys.readouterr().out
+    assert (out / "classifier.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert main(["finetune", "img_size=8"]) == 2  # no backbone: one-line error
+    assert "backbone is not set" in capsys.readouterr().err
+    assert main(["eval", "fewshot", "--checkpoint", "random:resnet10_cifar", "--img-size", "8", "--shots", "1", "5",
+                 "--draws", "2", "--device", "cpu", "--json", str(tmp_path / "fs.json")]) == 0
+    res = json.loads((tmp_path / "fs.json").read_text())
+    assert set(res) == {"knn", "linear"} and len(res["knn"]["5"]["values"]) == 2

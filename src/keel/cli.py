@@ -20,6 +20,7 @@ a 5-minute tour:
   keel pretrain data.source=path/to/images     # self-supervised pretraining on your folder
   keel eval knn --checkpoint runs/<run> --data fashion-mnist
   keel show neighbors --checkpoint runs/<run> --data digits   # pictures: neighbors, attention, mae
+  keel finetune backbone=runs/<run> source=digits             # fine-tune on labeled data
   keel models                                  # the backbones you can pretrain
 
 every sub-command has its own --help with examples.
@@ -42,8 +43,11 @@ protocols:
   knn      cosine kNN with temperature-weighted votes (k = 20 and 200, t = 0.1), top-1 and top-5
   linear   a linear classifier trained on frozen, cached features
   all      both
+  fewshot  1/5/10/25 labeled images per class (--shots), several random draws (--draws), mean +- std
+           of kNN and linear probe (add --finetune for the fine-tune protocol too)
 
 examples:
+  keel eval fewshot --checkpoint runs/my-run --data fashion-mnist --shots 1 5 10 --draws 5
   keel eval knn --checkpoint runs/my-run --data digits
   keel eval all --checkpoint runs/my-run/backbone.safetensors --data fashion-mnist --img-size 32
   keel eval linear --checkpoint random:resnet10_cifar --data digits    # an untrained baseline
@@ -88,6 +92,27 @@ examples:
 """
 
 
+FINETUNE_EPILOG = """\
+modes:
+  full     every layer trains (with layer-wise lr decay if layer_decay < 1)
+  partial  the last `partial_blocks` blocks and the head train; the rest is frozen (BN statistics too)
+  linear   only a linear head on frozen features (with a non-affine BN before it, as MAE's probe)
+
+backbone: a keel run directory or backbone.safetensors, timm:<model>:<weights.safetensors|.pth>
+(timm weights on disk, converted), or random:<model> (training from scratch, the baseline).
+
+examples:
+  keel finetune backbone=runs/my-run source=digits epochs=30
+  keel finetune backbone=runs/my-run source=fashion-mnist mode=linear epochs=20
+  keel finetune backbone=random:resnet18_cifar source=path/to/labeled lr=2e-3
+  keel finetune backbone=timm:vit_small_patch16_224:vit_s.safetensors source=path/to/labeled img_size=224 layer_decay=0.65
+
+configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
+in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
+Keys and defaults:
+{keys}"""
+
+
 def _config_keys() -> str:
     lines = []
     for section in dataclasses.fields(RunConfig):
@@ -101,11 +126,17 @@ def _config_keys() -> str:
     return "\n".join(lines)
 
 
+def _finetune_keys() -> str:
+    from keel.evaluate.finetune import FinetuneConfig
+    items = [f"{f.name}={getattr(FinetuneConfig(), f.name)!r}" for f in dataclasses.fields(FinetuneConfig)]
+    return "\n".join("  " + ", ".join(items[i:i + 6]) for i in range(0, len(items), 6))
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,eval,show,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -118,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="kNN / linear probe of a backbone on frozen features",
                         description="Evaluate a backbone's frozen features on a labeled dataset.",
                         epilog=EVAL_EPILOG, formatter_class=fmt)
-    ev.add_argument("protocol", choices=["knn", "linear", "all"])
+    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot"])
     ev.add_argument("--checkpoint", required=True,
                     help="a run directory, a backbone.safetensors with its card.json, or random:MODEL")
     ev.add_argument("--data", default="digits", help="built-in name or labeled folder (default: digits)")
@@ -128,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs (default: 100)")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="fewshot: images per class (default: 1 5 10 25)")
+    ev.add_argument("--draws", type=int, default=3, help="fewshot: random draws per shot count (default: 3)")
+    ev.add_argument("--finetune", action="store_true", help="fewshot: also fine-tune on each draw (slow)")
+
+    ft = sub.add_parser("finetune", help="fine-tune a backbone on labeled data (full, partial, linear)",
+                        description="Fine-tune a pretrained (or random) backbone on a labeled dataset.",
+                        epilog=FINETUNE_EPILOG.format(keys=_finetune_keys()), formatter_class=fmt)
+    ft.add_argument("-c", "--config", help="YAML config file (see the keys below)")
+    ft.add_argument("--out", metavar="RUN_DIR", help="run directory (default: out_dir/<generated name>)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=20 mode=partial")
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
                         description="Draw what a pretrained backbone has learned, as a PNG.",
@@ -217,6 +258,8 @@ def cmd_eval(args) -> int:
     backbone, size = _load_for_eval(args.checkpoint, args.img_size)
     train, test = labeled_splits(args.data, size)
     device = resolve_device(args.device)
+    if args.protocol == "fewshot":
+        return _fewshot(args, backbone.to(device), train, test, size, device)
     protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
     res = evaluate_frozen(backbone.to(device), train, test, size, device, protocols=protocols, ks=args.k,
                           temperature=args.temperature, linear_epochs=args.epochs, progress=True,
@@ -226,6 +269,33 @@ def cmd_eval(args) -> int:
         print(f"  {k:<18} {v:6.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _fewshot(args, backbone, train, test, size, device) -> int:
+    from keel.evaluate.fewshot import fewshot
+    protocols = ("knn", "linear", "finetune") if args.finetune else ("knn", "linear")
+    res = fewshot(backbone, train, test, shots=args.shots, draws=args.draws, protocols=protocols, img_size=size,
+                  knn_k=min(args.k), knn_t=args.temperature, device=str(device), progress=True)
+    print(f"{args.checkpoint} on {args.data}: few-shot top-1 (%), mean +- std over {args.draws} draws")
+    print("  shots  " + "".join(f"{p:>16}" for p in protocols))
+    for n in args.shots:
+        print(f"  {n:>5}  " + "".join(f"{res[p][n]['mean']:>9.2f} +-{res[p][n]['std']:>5.2f}" for p in protocols))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from keel.evaluate.finetune import FinetuneConfig, run_finetune
+    cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
+    from keel.evaluate.finetune import default_run_dir
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    res = run_finetune(cfg, run_dir)
+    key = res["main_metric"]
+    print(f"done: {res['mode']} fine-tuning, {res['steps']} steps; {key} {res['final'][key]:.2f} at the end, "
+          f"{res['best'][key]:.2f} at best (epoch {res['best']['epoch']}, chosen on the test split)\n"
+          f"classifier: {run_dir}/classifier.safetensors")
     return 0
 
 
@@ -303,7 +373,7 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "eval": cmd_eval, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

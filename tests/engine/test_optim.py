@@ -166,3 +166,124 @@ def test_cosine_lr_without_warmup():
     assert cosine_lr(100, 100, 2.0) == pytest.approx(0.0)
     # a degenerate schedule (total == warm-up) does not divide by zero
     assert cosine_lr(5, 5, 1.0, 5) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- layer-wise lr decay, step schedule
+from keel.engine.optim import (apply_lr, layer_decay_param_groups, layer_id_of, layer_ids,  # noqa: E402
+                               num_layers, step_lr)
+
+
+def _tiny_vit(**kw):
+    return create_model("vit_tiny_patch4_32", img_size=16, depth=3, dim=48, num_heads=3, **kw)
+
+
+def test_layer_ids_vit_and_decay_scales_follow_the_formula():
+    m = _tiny_vit(num_classes=5)
+    ids, L = layer_ids(m), num_layers(m)
+    assert L == 3
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+        assert ids[name] == 0
+    for i in range(3):
+        assert {v for k, v in ids.items() if k.startswith(f"blocks.{i}.")} == {i + 1}
+    assert ids["norm.weight"] == ids["head.weight"] == ids["head.bias"] == L + 1
+
+    decay = 0.65
+    groups = layer_decay_param_groups(m, 0.05, decay)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters())     # every parameter exactly once
+    by_id = {id(p): n for n, p in m.named_parameters()}
+    for g in groups:
+        assert [by_id[id(p)] for p in g["params"]] == g["names"]
+        for name, p in zip(g["names"], g["params"]):
+            assert g["lr_scale"] == pytest.approx(decay ** (L + 1 - ids[name]))
+            no_decay = p.ndim <= 1 or name in ("cls_token", "pos_embed")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+    scales = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scales["head.weight"] == 1.0 and scales["blocks.2.attn.qkv.weight"] == pytest.approx(0.65)
+    assert scales["pos_embed"] == pytest.approx(0.65 ** 4)
+
+
+def test_layer_decay_groups_skip_frozen_and_apply_lr_scales():
+    m = _tiny_vit(num_classes=2)
+    for p in m.blocks[0].parameters():
+        p.requires_grad_(False)
+    groups = layer_decay_param_groups(m, 0.0, 0.5)
+    names = {n for g in groups for n in g["names"]}
+    assert not any(n.startswith("blocks.0.") for n in names) and "head.weight" in names
+    opt = torch.optim.SGD(groups, lr=0.0)
+    apply_lr(opt, 0.2)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(0.2 * 0.5 ** (4 - g["layer_id"]))
+
+
+def test_layer_ids_hierarchical_models():
+    # Swin: stage 1's patch merging goes with stage 1's first block; blocks numbered across stages
+    swin = create_model("swin_tiny", num_classes=3, embed_dim=8, depths=(1, 2, 2), num_heads=(1, 1, 1),
+                        window_size=2)
+    ids = layer_ids(swin)
+    assert num_layers(swin) == 5
+    assert ids["patch_embed.proj.weight"] == 0
+    assert {v for k, v in ids.items() if k.startswith("stages.0.blocks.0.")} == {1}
+    assert {v for k, v in ids.items() if k.startswith("stages.1.downsample.")} == {2}
+    assert {v for k, v in ids.items() if k.startswith("stages.1.blocks.1.")} == {3}
+    assert {v for k, v in ids.items() if k.startswith("stages.2.blocks.1.")} == {5}
+    assert ids["norm.weight"] == ids["head.weight"] == 6
+    # CSWin: the stage-0 "downsample" is the conv stem
+    cswin = create_model("cswin_tiny", embed_dim=8, depths=(1, 2, 1, 1))
+    ids = layer_ids(cswin)
+    assert ids["stages.0.downsample.conv.weight"] == 0 and ids["stages.1.downsample.conv.weight"] == 2
+    assert ids["stages.3.downsample.conv.weight"] == 5 and ids["norm.weight"] == 6
+    # keel hybrid: conv stages (Sequential) and transformer stages (.blocks), separate downsamples
+    hyb = create_model("keel_tiny", img_size=32, widths=(8, 16, 32, 64), depths=(1, 2, 2, 1))
+    ids = layer_ids(hyb)
+    assert num_layers(hyb) == 6
+    assert {v for k, v in ids.items() if k.startswith("stem.")} == {0}
+    assert {v for k, v in ids.items() if k.startswith("stages.1.1.")} == {3}
+    assert {v for k, v in ids.items() if k.startswith("downsamples.2.")} == {4}
+    assert {v for k, v in ids.items() if k.startswith("stages.2.blocks.1.")} == {5}
+    assert ids["norm.weight"] == 7
+    # ResNet (no final norm) and ResNet-v2 (a block's own downsample stays in its block)
+    r = create_model("resnet10_cifar", num_classes=4)
+    ids = layer_ids(r)
+    assert num_layers(r) == 4 and ids["stem.0.weight"] == 0 and ids["stages.2.0.shortcut.0.weight"] == 3
+    assert ids["head.weight"] == 5
+    r2 = create_model("resnetv2_26x1_cifar", stem_width=8, widths=(16, 16, 32, 32), gn_groups=4)
+    ids = layer_ids(r2)
+    assert ids["stages.1.0.downsample.weight"] == 3 and ids["stages.3.1.conv3.weight"] == 8
+    assert ids["norm.weight"] == 9
+    # module names too (drop-path placement); containers above the block level have none
+    assert layer_id_of(r, "stages.1.0.bn1") == 2 and layer_id_of(r, "stages.1") is None
+    assert layer_id_of(r, "") is None
+
+
+def test_layer_ids_of_a_backbone_head_wrapper_and_unknown_parameters():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = create_model("resnet10_cifar")
+            self.head = nn.Linear(256, 3)
+
+    w = Wrapper()
+    ids = layer_ids(w)
+    assert ids["backbone.stem.0.weight"] == 0 and ids["backbone.stages.3.0.conv1.weight"] == 4
+    assert ids["head.weight"] == 5 and num_layers(w) == 4
+
+    m = _tiny_vit()
+    m.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="no layer id for parameter 'extra.weight'"):
+        layer_ids(m)
+
+
+def test_step_lr_hand_values():
+    total, base = 100, 0.4
+    assert step_lr(0, total, base, 4) == pytest.approx(0.1)       # warm-up as cosine_lr
+    assert step_lr(3, total, base, 4) == pytest.approx(0.4)
+    assert step_lr(29, total, base, 4) == pytest.approx(0.4)
+    assert step_lr(30, total, base, 4) == pytest.approx(0.04)     # milestones at 30, 60, 90
+    assert step_lr(59, total, base, 4) == pytest.approx(0.04)
+    assert step_lr(60, total, base, 4) == pytest.approx(0.004)
+    assert step_lr(90, total, base, 4) == pytest.approx(0.0004)
+    assert step_lr(99, total, base, 4) == pytest.approx(0.0004)
+    # custom milestones (rounded to steps) and factor
+    assert step_lr(49, 99, 1.0, 0, milestones=[0.5], gamma=0.5) == pytest.approx(1.0)
+    assert step_lr(50, 99, 1.0, 0, milestones=[0.5], gamma=0.5) == pytest.approx(0.5)

@@ -1,8 +1,9 @@
 """Optimizers and schedules: parameter groups without weight decay on norms and biases, LARS,
-and a per-step warm-up + cosine learning rate."""
+a per-step warm-up + cosine (or step) learning rate, and layer ids for layer-wise lr decay."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -83,3 +84,131 @@ def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0
         return base_lr * (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0,
+            milestones=(0.3, 0.6, 0.9), gamma: float = 0.1) -> float:
+    """Linear warm-up from 0 over ``warmup_steps`` (as :func:`cosine_lr`), then ``base_lr`` times
+    ``gamma`` for every milestone passed. Milestones are fractions of ``total_steps`` (BiT's
+    0.3, 0.6, 0.9): the lr drops at step ``round(m * total_steps)``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    passed = sum(step >= round(m * total_steps) for m in milestones)
+    return base_lr * gamma ** passed
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (1 for groups without one)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------- layer-wise lr decay
+# Layer ids (BEiT/MAE's layer-wise decay, generalised): 0 = everything before the first block
+# (patch embedding, stem, class/distillation tokens, position table), 1..L = the blocks in
+# forward order numbered consecutively across stages, L + 1 = what follows the last block
+# (final norm, head). A down-sampling layer belongs to the first block of the stage it opens: it
+# is the first thing that stage computes. A stage-0 "downsample" (CSWin's conv stem) is the stem.
+# A wrapper holding the backbone as ``backbone`` and its classifier as ``head`` (as keel's
+# fine-tuning does) is numbered like the backbone, its head at L + 1.
+_BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")                            # ViT
+_STAGE_BLOCK = re.compile(r"^stages\.(\d+)\.(?:blocks\.)?(\d+)(?:\.|$)")  # Swin, CSWin, hybrid, ResNets
+_STAGE_DOWN = re.compile(r"^stages\.(\d+)\.downsample(?:\.|$)")          # Swin, CSWin
+_DOWNSAMPLES = re.compile(r"^downsamples\.(\d+)(?:\.|$)")                # keel hybrid
+_FIRST = ("patch_embed", "stem", "cls_token", "dist_token", "pos_embed", "mask_token")
+_LAST = ("norm", "fc_norm", "head", "head_dist")
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the backbone, the name prefix its parameters carry in ``model``)."""
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, nn.Module) and not hasattr(model, "blocks") and not hasattr(model, "stages"):
+        return inner, "backbone."
+    return model, ""
+
+
+def _stage_offsets(backbone: nn.Module) -> list[int] | None:
+    """Number of blocks before each stage, or None for a model without ``stages``."""
+    stages = getattr(backbone, "stages", None)
+    if stages is None:
+        return None
+    offsets, n = [], 0
+    for stage in stages:
+        offsets.append(n)
+        n += len(getattr(stage, "blocks", stage))
+    offsets.append(n)
+    return offsets
+
+
+def num_layers(model: nn.Module) -> int:
+    """L, the number of blocks (layer ids run from 0 to L + 1)."""
+    backbone, _ = _unwrap(model)
+    offsets = _stage_offsets(backbone)
+    if offsets is not None:
+        return offsets[-1]
+    if hasattr(backbone, "blocks"):
+        return len(backbone.blocks)
+    raise ValueError(f"{type(backbone).__name__} has neither 'blocks' nor 'stages': no layer ids for it")
+
+
+def layer_id_of(model: nn.Module, name: str) -> int | None:
+    """Layer id of a parameter or module ``name`` of ``model``; None for a container above the
+    block level (the model itself, a whole stage, ``blocks``)."""
+    backbone, prefix = _unwrap(model)
+    L = num_layers(model)
+    if prefix:
+        if name == "head" or name.startswith("head."):
+            return L + 1
+        if not name.startswith(prefix):
+            return None
+        name = name[len(prefix):]
+    offsets = _stage_offsets(backbone)
+    if offsets is None:
+        m = _BLOCK.match(name)
+        if m:
+            return int(m.group(1)) + 1
+    else:
+        m = _STAGE_DOWN.match(name) or _DOWNSAMPLES.match(name)
+        if m:
+            s = int(m.group(1))
+            return 0 if s == 0 else offsets[s] + 1
+        m = _STAGE_BLOCK.match(name)
+        if m:
+            return offsets[int(m.group(1))] + int(m.group(2)) + 1
+    top = name.split(".", 1)[0]
+    if top in _FIRST:
+        return 0
+    if top in _LAST:
+        return L + 1
+    return None
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> layer id (0 .. L + 1) for layer-wise lr decay; see the comment above.
+    Raises for a parameter it cannot place, so a new model family cannot slip through unnumbered."""
+    ids = {}
+    for name, _ in model.named_parameters():
+        i = layer_id_of(model, name)
+        if i is None:
+            raise ValueError(f"no layer id for parameter '{name}' of {type(model).__name__}")
+        ids[name] = i
+    return ids
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, decay: float) -> list[dict]:
+    """:func:`param_groups` split further by layer: one group per (layer id, decays or not), each
+    with ``lr_scale = decay ** (L + 1 - layer_id)`` (the head's lr is the base lr, each block
+    below it ``decay`` times less) and the ``layer_id``. Frozen parameters are left out, as are
+    empty groups. Use :func:`apply_lr` to set the lrs."""
+    ids, L = layer_ids(model), num_layers(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for base in param_groups(model, weight_decay):
+        decays = not base["lars_exclude"]
+        for name, p in zip(base["names"], base["params"]):
+            i = ids[name]
+            g = groups.setdefault((i, decays), {
+                "params": [], "names": [], "weight_decay": base["weight_decay"],
+                "lr_scale": decay ** (L + 1 - i), "layer_id": i})
+            g["params"].append(p)
+            g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]

@@ -1,0 +1,526 @@
+"""Fine-tuning a backbone on a labeled dataset: every layer (full), the last k blocks (partial) or
+the head alone (linear). The loop is as plain as MAE's main_finetune: read it top to bottom.
+
+* Views: a random resized crop (area 0.35-1) and a horizontal flip per image, drawn for the whole
+  batch on its device (keel's BatchAugment with the colour operations off); evaluation resizes and
+  normalises (``eval_transform``), as the frozen-feature protocols do.
+* Optimizer: AdamW or SGD on the parameters that train, norms and biases without weight decay,
+  optionally with layer-wise lr decay (BEiT/MAE): the head gets the base lr and each block below
+  it ``layer_decay`` times less. The lr is given for a batch of 256 and scaled linearly.
+* Schedule, per step: linear warm-up, then cosine to zero or steps of x0.1 at fractions of training.
+* Frozen parts (partial and linear modes) are put in eval mode as well as excluded from the
+  optimizer: their BatchNorm layers normalise with the running statistics of pretraining and keep
+  them, and their drop-path is off, so a frozen layer is the same fixed function at every step
+  (the tests check its weights and buffers come out bit-identical). In linear mode the backbone's
+  forward runs without autograd, and the features go through a BatchNorm without affine
+  parameters before the head (MAE's linear probe): the head then sees standardised features,
+  so one lr suits every backbone; at inference it is a fixed affine map, still a linear classifier.
+* Each epoch (``eval_every``) ends with an evaluation on the test split. "best" in result.json is
+  the best epoch by the task's main metric, picked on the test split itself: an optimistic number.
+  "final" (the last epoch) is the honest one when there is no separate validation split.
+
+Randomness: the head's initialisation and drop-path come from ``torch.manual_seed(seed)``, the data
+order and the views from one ``torch.Generator`` seeded with ``seed``; the same seed (on the same
+device, with the same number of threads) gives the same run.
+
+Artifacts in ``run_dir``: ``config.yaml`` (the FinetuneConfig), ``metrics.jsonl`` (one line per
+epoch), ``classifier.safetensors`` (backbone + head after the last epoch, keys ``backbone.*`` and
+``head.*``), ``classifier_best.safetensors`` (the same at the best epoch), ``result.json`` and
+``curves.png``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from keel.config import ConfigError, save_config
+from keel.data.sources import collate_skip
+from keel.data.views import BatchAugment, ViewConfig
+from keel.engine.checkpoint import atomic_write
+from keel.engine.distributed import resolve_device
+from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, layer_id_of, num_layers, step_lr
+from keel.evaluate.frozen import make_eval_transform
+from keel.evaluate.linear import accuracy_topk
+from keel.models.layers.drop import DropPath
+from keel.models.registry import family_of
+
+__all__ = ["FinetuneConfig", "Task", "ClassificationTask", "Classifier", "finetune", "run_finetune",
+           "load_for_finetune", "set_drop_path", "DEFAULT_LR", "DEFAULT_WEIGHT_DECAY"]
+
+# Per optimizer when the config leaves them unset. AdamW: MAE's fine-tuning (base lr 5e-4 per 256,
+# weight decay 0.05). SGD: momentum 0.9 and no weight decay as BiT fine-tunes, lr 0.01 per 256.
+DEFAULT_LR = {"adamw": 5e-4, "sgd": 0.01}
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 0.0}
+
+MODES = ("full", "partial", "linear")
+
+
+@dataclass
+class FinetuneConfig:
+    backbone: str = ""              # what to fine-tune, for run_finetune: see load_for_finetune
+    source: str = "digits"          # labeled data: built-in name or image folder (labeled_splits)
+    img_size: int = 32              # images are decoded at and views cropped to this side
+    mode: str = "full"              # full | partial (last partial_blocks blocks + head) | linear (head)
+    partial_blocks: int = 2         # partial: blocks that train, counted from the last (0: final norm + head)
+    epochs: int = 50
+    batch_size: int = 128           # an epoch is ceil(n / batch_size) near-equal batches
+    optimizer: str = "adamw"        # adamw | sgd
+    lr: float | None = None         # base lr for a batch of 256, scaled linearly (None: adamw 5e-4, sgd 0.01)
+    weight_decay: float | None = None  # None: adamw 0.05, sgd 0; never on norms, biases, tokens
+    momentum: float = 0.9           # sgd only
+    schedule: str = "cosine"        # cosine (to zero) | step (x0.1 at each milestone)
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # step: fractions of training
+    warmup_epochs: float = 5.0      # linear warm-up (capped at the whole run)
+    layer_decay: float = 1.0        # layer-wise lr decay; 1.0 = off (MAE: 0.65-0.75 for ViTs)
+    label_smoothing: float = 0.1
+    drop_path_rate: float = 0.1     # stochastic depth of the last block, linear from 0 at the first
+    clip_grad: float = 0.0          # max gradient norm; 0 = no clipping
+    eval_every: int = 1             # epochs between test evaluations; 0 = the last epoch only
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    num_workers: int = 2            # decoding workers for image folders
+    out_dir: str = "runs"           # run_finetune's default run directory lives here
+
+
+class Task(Protocol):
+    """What is predicted and how it is scored; the backbone's pooled features go through ``head``.
+    ``metrics`` sees the whole test split at once (outputs concatenated along dim 0, float32 on the
+    CPU) and ``main_metric`` (higher is better) picks the best epoch."""
+
+    def head(self, num_features: int) -> nn.Module: ...
+    def loss(self, outputs, targets) -> torch.Tensor: ...          # outputs = head(features)
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+    main_metric: str                                               # key of metrics used for "best"
+
+
+class ClassificationTask:
+    """Single-label classification: a linear head, cross-entropy (optionally label-smoothed), top-1
+    and top-5 accuracy in percent."""
+
+    main_metric = "top1"
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.label_smoothing = float(label_smoothing)
+
+    def head(self, num_features: int) -> nn.Module:
+        head = nn.Linear(num_features, self.num_classes)
+        # MAE's head init: nearly zero, so the first steps do not send random gradients into the backbone
+        nn.init.trunc_normal_(head.weight, std=2e-5)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def loss(self, outputs, targets) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        acc = accuracy_topk(outputs, targets, (1, 5))
+        return {"top1": acc[1], "top5": acc[5]}
+
+
+class Classifier(nn.Module):
+    """``head(feature_norm(backbone.embed(x)))``. ``feature_norm`` is a BatchNorm without affine
+    parameters in linear mode (see the module docstring), else the identity. With
+    ``frozen_backbone`` the backbone runs without autograd."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, feature_norm: bool = False,
+                 frozen_backbone: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_norm = (nn.BatchNorm1d(backbone.num_features, affine=False, eps=1e-6) if feature_norm
+                             else nn.Identity())
+        self.head = head
+        self.frozen_backbone = frozen_backbone
+
+    def forward(self, x: torch.Tensor):
+        with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
+            features = self.backbone.embed(x)
+        return self.head(self.feature_norm(features))
+
+
+def set_drop_path(backbone: nn.Module, rate: float) -> None:
+    """Stochastic depth after the fact: the DropPath of block i (1..L) gets ``rate * (i-1)/(L-1)``,
+    the linear rule keel's models use when built with ``drop_path_rate``."""
+    L = num_layers(backbone)
+    for name, m in backbone.named_modules():
+        if isinstance(m, DropPath):
+            i = layer_id_of(backbone, name)
+            if i is not None and 1 <= i <= L:
+                m.p = rate * (i - 1) / max(1, L - 1)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _check(cfg: FinetuneConfig) -> None:
+    choices = {"mode": MODES, "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "step"),
+               "precision": ("auto", "bf16", "fp32")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {' | '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("epochs and batch_size must be >= 1")
+    if cfg.partial_blocks < 0 or cfg.eval_every < 0 or cfg.warmup_epochs < 0:
+        raise ConfigError("partial_blocks, eval_every and warmup_epochs must be >= 0")
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if any(not 0.0 <= m <= 1.0 for m in cfg.milestones):
+        raise ConfigError(f"milestones are fractions of training in [0, 1], got {cfg.milestones}")
+
+
+def _num_classes(train_ds, test_ds) -> int:
+    labels = [torch.as_tensor(d.labels) for d in (train_ds, test_ds)]
+    if any(int(y.min()) < 0 for y in labels if y.numel()):
+        raise ValueError("the dataset has unlabeled images (label -1): fine-tuning needs a labeled dataset")
+    top = max(int(y.max()) + 1 for y in labels if y.numel())
+    return max(top, len(getattr(train_ds, "classes", None) or []))
+
+
+def _freeze(model: Classifier, cfg: FinetuneConfig) -> set[int]:
+    """Set requires_grad for the mode; returns the layer ids of the backbone that stay frozen."""
+    backbone, L = model.backbone, num_layers(model.backbone)
+    if cfg.mode == "full":
+        frozen: set[int] = set()
+    elif cfg.mode == "linear":
+        frozen = set(range(L + 2))
+    else:
+        if cfg.partial_blocks > L:
+            raise ConfigError(f"partial_blocks={cfg.partial_blocks} but the backbone has {L} blocks")
+        frozen = set(range(L + 1 - cfg.partial_blocks))
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(layer_id_of(backbone, name) not in frozen)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    return frozen
+
+
+def _train_mode(model: Classifier, frozen: set[int]) -> None:
+    """Train mode, except the frozen parts of the backbone (BatchNorm statistics, drop-path)."""
+    model.train()
+    for name, m in model.backbone.named_modules():
+        if layer_id_of(model.backbone, name) in frozen:
+            m.eval()
+
+
+def _batches(ds, index_batches, num_workers: int, device: torch.device):
+    """(uint8 images, targets) on ``device`` for each list of indices: indexed directly for data
+    held in memory, decoded by DataLoader workers for image folders (undecodable files dropped)."""
+    if hasattr(ds, "images"):
+        for idx in index_batches:
+            yield (ds.images[idx].to(device, non_blocking=True),
+                   ds.labels[idx].to(device, non_blocking=True))
+        return
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in index_batches],
+                                         num_workers=num_workers, collate_fn=getattr(ds, "collate_fn", collate_skip),
+                                         pin_memory=device.type == "cuda")
+    for batch in loader:
+        if len(batch["images"]):
+            yield batch["images"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def _evaluate(model: Classifier, ds, task, transform, batch_size: int, num_workers: int,
+              device: torch.device, autocast) -> dict[str, float]:
+    model.eval()
+    idx = torch.arange(len(ds))
+    outputs, targets = [], []
+    for images, y in _batches(ds, idx.split(batch_size), num_workers, device):
+        with autocast():
+            outputs.append(model(transform(images)).float().cpu())
+        targets.append(y.cpu())
+    return {k: float(v) for k, v in task.metrics(torch.cat(outputs), torch.cat(targets)).items()}
+
+
+def _save_classifier(model: nn.Module, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def _better(value: float, best: float | None) -> bool:
+    """Higher is better; a NaN (a metric undefined on this epoch's outputs) never is."""
+    return not math.isnan(value) and (best is None or math.isnan(best) or value > best)
+
+
+def _test_metrics(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("epoch", "step", "loss", "lr", "time_s")}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
+    from keel.show import plt  # keel.show selects the file-only Agg backend
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], color="tab:blue")
+    a.set(xlabel="epoch", ylabel="training loss", title="loss")
+    evald = [h for h in history if main_metric in h]
+    b.plot([h["epoch"] for h in evald], [h[main_metric] for h in evald], marker="o", color="tab:green")
+    b.set(xlabel="epoch", ylabel=main_metric, title=f"test {main_metric}")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- the loop
+def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: Task | None = None,
+             run_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Fine-tune ``backbone`` (in place, like MAE) with a head from ``task`` (default: classification
+    over the datasets' labels) and return ``{"best": {"epoch", **metrics}, "final": {...},
+    "main_metric", ...}`` plus ``"classifier"``, the trained :class:`Classifier` (left out of
+    result.json). Afterwards every parameter's ``requires_grad`` is as it was; DropPath rates stay
+    at the config's. With ``run_dir`` the artifacts listed in the module docstring are written."""
+    _check(cfg)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+        else contextlib.nullcontext
+    task = task if task is not None else ClassificationTask(_num_classes(train_ds, test_ds), cfg.label_smoothing)
+    opt_name = cfg.optimizer
+    base_lr = DEFAULT_LR[opt_name] if cfg.lr is None else cfg.lr
+    weight_decay = DEFAULT_WEIGHT_DECAY[opt_name] if cfg.weight_decay is None else cfg.weight_decay
+
+    torch.manual_seed(cfg.seed)                       # head init, drop-path
+    gen = torch.Generator().manual_seed(cfg.seed)     # data order, views
+    was_trainable = [(p, p.requires_grad) for p in backbone.parameters()]
+    model = Classifier(backbone, task.head(backbone.num_features), feature_norm=cfg.mode == "linear",
+                       frozen_backbone=cfg.mode == "linear")
+    frozen = _freeze(model, cfg)
+    set_drop_path(backbone, cfg.drop_path_rate)
+    model.to(device)
+    groups = layer_decay_param_groups(model, weight_decay, cfg.layer_decay)
+    if opt_name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=base_lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
+
+    # Each epoch is cut into ceil(n / batch_size) batches of near-equal size: no image is left out
+    # and no batch is tiny (BatchNorm needs a few images). The lr scales with the configured batch
+    # size, also when a small (few-shot) training set makes the batches smaller.
+    n = len(train_ds)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    lr = base_lr * cfg.batch_size / 256
+
+    def lr_at(step: int) -> float:
+        if cfg.schedule == "step":
+            return step_lr(step, total_steps, lr, warmup_steps, cfg.milestones)
+        return cosine_lr(step, total_steps, lr, warmup_steps)
+
+    augment = BatchAugment(ViewConfig(size=cfg.img_size, scale=(0.35, 1.0), hflip=0.5,
+                                      jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    eval_transform = make_eval_transform(cfg.img_size)
+
+    metrics_file = None
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        metrics_file = open(run_dir / "metrics.jsonl", "w")
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, desc=f"finetune ({cfg.mode})", unit="step", dynamic_ncols=True,
+               disable=not progress, mininterval=1.0)
+    history: list[dict] = []
+    best: dict | None = None
+    step, cur_lr = 0, lr_at(0)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            _train_mode(model, frozen)
+            perm = torch.randperm(n, generator=gen)
+            index_batches = perm.tensor_split(steps_per_epoch)
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+            for images, targets in _batches(train_ds, index_batches, cfg.num_workers, device):
+                cur_lr = lr_at(step)
+                apply_lr(optimizer, cur_lr)
+                with torch.no_grad():
+                    x = augment(images, gen)
+                with autocast():
+                    outputs = model(x)
+                loss = task.loss(outputs.float(), targets)   # the loss in float32 whatever the autocast
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad > 0:
+                    nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
+                optimizer.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                step += 1
+                bar.update(1)
+            train_loss = (loss_sum / max(1, loss_count)).item()
+            if not math.isfinite(train_loss):
+                raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}: lower lr or set clip_grad")
+            rec = {"epoch": epoch, "step": step, "loss": train_loss, "lr": cur_lr}
+            if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+                rec.update(_evaluate(model, test_ds, task, eval_transform, max(cfg.batch_size, 256),
+                                     cfg.num_workers, device, autocast))
+                if _better(rec[task.main_metric], best[task.main_metric] if best else None):
+                    best = {"epoch": epoch, **_test_metrics(rec)}
+                    if run_dir is not None:
+                        _save_classifier(model, run_dir / "classifier_best.safetensors",
+                                         {"epoch": epoch, task.main_metric: rec[task.main_metric]})
+                bar.set_postfix(loss=f"{train_loss:.3f}", **{task.main_metric: f"{rec[task.main_metric]:.2f}"})
+            rec["time_s"] = round(time.perf_counter() - t0, 2)
+            history.append(rec)
+            if metrics_file:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        for p, flag in was_trainable:
+            p.requires_grad_(flag)
+
+    last = history[-1]
+    result = {
+        "main_metric": task.main_metric,
+        "best": best,
+        "final": {"epoch": last["epoch"], **_test_metrics(last)},
+        "mode": cfg.mode,
+        "epochs": cfg.epochs,
+        "steps": step,
+        "train_images": n,
+        "test_images": len(test_ds),
+        "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if run_dir is not None:
+        _save_classifier(model, run_dir / "classifier.safetensors", {"epoch": last["epoch"]})
+        _write_json(run_dir / "result.json", result)
+        _plot_curves(history, task.main_metric, run_dir / "curves.png")
+    return dict(result, classifier=model)
+
+
+# ---------------------------------------------------------------------------------- backbones
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors (no code runs) or a torch file (``weights_only``: no code
+    runs either); a checkpoint holding it under "model", "state_dict" or "module" is unwrapped."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"no weights file at '{path}'")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p), device="cpu")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"'{path}' does not hold a state dict")
+    return sd
+
+
+def _keel_name(name: str) -> str:
+    """A keel model name, or the keel name of a timm model name (a family's TIMM_NAMES)."""
+    import importlib
+
+    from keel.models.registry import list_models
+    models = list_models()
+    if name in models:
+        return name
+    for n in models:
+        family = importlib.import_module(family_of(n))
+        if getattr(family, "TIMM_NAMES", {}).get(n) == name:
+            return n
+    raise ValueError(f"unknown model '{name}': give a keel model name (`keel models` lists them)")
+
+
+def _fit_pos_embed(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Resample a ViT position table made for another image size to the model's (bicubic; the
+    class/distillation tokens' entries are kept as they are)."""
+    from keel.models.layers.position import interpolate_pos_embed
+    pe, own = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    if pe is None or own is None or pe.shape == own.shape:
+        return
+    prefix = model.num_prefix_tokens
+    src = math.isqrt(pe.shape[1] - prefix)
+    if src * src != pe.shape[1] - prefix:
+        raise ValueError(f"pos_embed of {pe.shape[1]} entries is not {prefix} prefix tokens + a square grid")
+    patches = interpolate_pos_embed(pe[:, prefix:], (src, src), (model.grid, model.grid))
+    sd["pos_embed"] = torch.cat([pe[:, :prefix], patches], dim=1)
+
+
+def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
+    """A backbone to fine-tune at ``img_size``, from ``spec``:
+
+    * a keel run directory or its ``backbone.safetensors`` (with ``card.json`` beside it), rebuilt
+      at ``img_size`` when pretrained at another size (a ViT's position table is resampled; a
+      model whose other weights depend on the size must be fine-tuned at its pretraining size);
+    * ``timm:<model>:<file>``: a timm state dict (``.safetensors``, or ``.pth``/``.pt`` read with
+      ``weights_only``) of keel model ``<model>`` (or its timm name), converted with
+      ``keel.convert.from_timm``; its classifier head is dropped;
+    * ``random:<model>``: randomly initialised (seeded), the from-scratch baseline.
+    """
+    from keel.convert import from_timm
+    from keel.models.registry import create_model
+    if spec.startswith("random:"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model(_keel_name(spec[len("random:"):]), img_size=img_size)
+    if spec.startswith("timm:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise ValueError(f"'{spec}': write timm:<model name>:<path to its state dict>")
+        name = _keel_name(parts[1])
+        sd = from_timm(name, _read_state_dict(parts[2]))
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
+        model = create_model(name, img_size=img_size)
+        _fit_pos_embed(model, sd)
+        model.load_state_dict(sd)
+        return model
+    from safetensors.torch import load_file
+
+    from keel.engine.checkpoint import load_backbone, read_card, sha256
+    weights, card = read_card(spec)
+    kwargs = dict(card.get("model_kwargs", {}))
+    if kwargs.get("img_size", img_size) == img_size:
+        return load_backbone(spec)
+    if card.get("sha256") and sha256(weights) != card["sha256"]:
+        raise ValueError(f"'{weights}' does not match the sha256 in its card.json: the file was changed or damaged")
+    pretrained_at = kwargs["img_size"]
+    model = create_model(card["model"], **dict(kwargs, img_size=img_size))
+    sd = load_file(str(weights), device="cpu")
+    _fit_pos_embed(model, sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"'{spec}' was pretrained at {pretrained_at} px and its weights do not fit "
+                         f"{card['model']} built for {img_size} px: fine-tune at img_size={pretrained_at}"
+                         f" ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def default_run_dir(cfg: FinetuneConfig) -> Path:
+    what = cfg.backbone.rstrip("/").split(":")[1] if cfg.backbone.startswith(("timm:", "random:")) \
+        else Path(cfg.backbone.rstrip("/")).name
+    return Path(cfg.out_dir) / "-".join(["finetune", cfg.mode, what or "backbone",
+                                         Path(cfg.source).name or "data", time.strftime("%Y%m%d-%H%M%S")])
+
+
+def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Everything from a config: load ``cfg.backbone``, the labeled splits of ``cfg.source``, then
+    :func:`finetune` into ``run_dir`` (default: a new folder under ``cfg.out_dir``)."""
+    from keel.data.sources import labeled_splits
+    if not cfg.backbone:
+        raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
+    _check(cfg)
+    train_ds, test_ds = labeled_splits(cfg.source, cfg.img_size)
+    backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
+    result = finetune(backbone, train_ds, test_ds, cfg, run_dir=run_dir or default_run_dir(cfg), progress=progress)
+    return result
+

@@ -1,0 +1,216 @@
+"""keel.evaluate.finetune: metrics by hand, freezing by mode (bit-identical frozen parts), learning
+on digits, seeding, the lr wiring (schedules, layer decay), artifacts, image folders, loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import keel.evaluate.finetune as ft
+from keel.config import load_config
+from keel.data.sources import ImageFolder, build_dataset
+from keel.evaluate.finetune import ClassificationTask, FinetuneConfig, finetune, load_for_finetune
+from keel.models.registry import create_model
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return build_dataset("digits", "train", 8, labeled=True), build_dataset("digits", "test", 8, labeled=True)
+
+
+def _cfg(**kw):
+    base = dict(img_size=8, epochs=1, batch_size=64, warmup_epochs=0.0, device="cpu", drop_path_rate=0.0,
+                label_smoothing=0.0, num_workers=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _resnet(seed=0):
+    return load_for_finetune("random:resnet10_cifar", 8, seed=seed)
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_classification_task_metrics_against_a_hand_count():
+    task = ClassificationTask(6, label_smoothing=0.1)
+    scores = torch.tensor([
+        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],   # label 0: top-1 hit
+        [0.0, 0.1, 0.9, 0.3, 0.2, 0.4],   # label 5: 2nd of 6 -> top-5 hit
+        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # label 5: last -> miss in both
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],   # label 1: 5th -> top-5 hit
+    ])
+    labels = torch.tensor([0, 5, 5, 1])
+    assert task.metrics(scores, labels) == pytest.approx({"top1": 25.0, "top5": 75.0})
+    assert task.main_metric == "top1"
+    head = task.head(7)
+    assert isinstance(head, nn.Linear) and head.out_features == 6 and head.weight.abs().max() < 1e-4
+    expected = nn.functional.cross_entropy(scores, labels, label_smoothing=0.1)
+    torch.testing.assert_close(task.loss(scores, labels), expected)
+
+
+def test_full_finetune_learns_digits_and_writes_its_artifacts(digits8, tmp_path):
+    train, test = digits8
+    cfg = _cfg(epochs=3, lr=3e-2, warmup_epochs=0.5)
+    res = finetune(_resnet(), train, test, cfg, run_dir=tmp_path / "run", progress=False)
+    assert res["final"]["top1"] > 50.0            # chance is 10%
+    assert res["best"]["top1"] >= res["final"]["top1"] and res["main_metric"] == "top1"
+    assert res["steps"] == 3 * 23                 # ceil(1437 / 64) near-equal batches per epoch
+    assert res["trainable_params"] == sum(p.numel() for p in res["classifier"].parameters())
+
+    run = tmp_path / "run"
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and all("top1" in r and "loss" in r for r in lines)
+    assert lines[-1]["top1"] == res["final"]["top1"]
+    assert max(r["top1"] for r in lines) == res["best"]["top1"]
+    assert load_config(run / "config.yaml", cls=FinetuneConfig) == cfg
+    saved = json.loads((run / "result.json").read_text())
+    assert saved["final"] == res["final"] and saved["best"] == res["best"]
+    last = load_file(run / "classifier.safetensors")
+    assert set(last) == set(res["classifier"].state_dict())
+    assert {k.split(".")[0] for k in last} == {"backbone", "head"}
+    torch.testing.assert_close(last["head.weight"], res["classifier"].head.weight.detach())
+    assert (run / "classifier_best.safetensors").is_file() and (run / "curves.png").is_file()
+
+
+def test_partial_mode_trains_only_the_last_blocks_and_the_head(digits8):
+    train, test = digits8
+    small = train.subset(torch.arange(256))
+    backbone = _resnet()
+    before = _state(backbone)
+    res = finetune(backbone, small, test, _cfg(mode="partial", partial_blocks=1, lr=1e-2), progress=False)
+    after = backbone.state_dict()
+    for k, v in after.items():
+        if k.startswith("stages.3."):        # the last block: weights and BN statistics move
+            if not k.endswith("num_batches_tracked"):
+                assert not torch.equal(v, before[k]), k
+        else:                                 # stem and stages 0-2: weights AND BN buffers untouched
+            assert torch.equal(v, before[k]), k
+    assert res["classifier"].head.weight.abs().max() > 1e-3
+    assert all(p.requires_grad for p in backbone.parameters())    # flags restored afterwards
+
+
+def test_linear_mode_trains_only_the_head(digits8):
+    train, test = digits8
+    small = train.subset(torch.arange(256))
+    backbone = _resnet()
+    before = _state(backbone)
+    res = finetune(backbone, small, test, _cfg(mode="linear", epochs=2, lr=1e-2), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    clf = res["classifier"]
+    assert clf.head.weight.abs().max() > 1e-3
+    assert clf.feature_norm.num_batches_tracked.item() == res["steps"]  # MAE's BN before the head
+    assert res["trainable_params"] == clf.head.weight.numel() + clf.head.bias.numel()
+
+
+def test_same_seed_same_run_and_another_seed_differs(digits8):
+    train, test = digits8
+    small = train.subset(torch.arange(128))
+
+    def run(seed):
+        torch.manual_seed(123)   # the backbone is built outside: same weights every time
+        vit = create_model("vit_tiny_patch4_32", img_size=8, patch_size=2, depth=2, dim=24, num_heads=2)
+        res = finetune(vit, small, test, _cfg(drop_path_rate=0.2, seed=seed, lr=1e-2, batch_size=32), progress=False)
+        return res["final"], _state(res["classifier"])
+
+    (m1, s1), (m2, s2), (_, s3) = run(0), run(0), run(1)
+    assert m1 == m2 and all(torch.equal(v, s2[k]) for k, v in s1.items())
+    assert not all(torch.equal(v, s3[k]) for k, v in s1.items())
+
+
+def test_step_schedule_and_layer_decay_reach_the_optimizer(digits8, monkeypatch):
+    train, test = digits8
+    small = train.subset(torch.arange(128))
+    seen = []
+
+    def spy(optimizer, lr):
+        ft_apply(optimizer, lr)
+        seen.append((lr, [(g["layer_id"], g["lr"]) for g in optimizer.param_groups]))
+
+    ft_apply = ft.apply_lr
+    monkeypatch.setattr(ft, "apply_lr", spy)
+    cfg = _cfg(mode="full", epochs=4, batch_size=64, lr=0.256, schedule="step", milestones=[0.5, 0.75],
+               layer_decay=0.5, optimizer="sgd")
+    finetune(_resnet(), small, test, cfg, progress=False)
+    base = 0.256 * 64 / 256                     # lr scaled by batch / 256
+    lrs = [lr for lr, _ in seen]                # 2 steps per epoch, 8 steps: drops at steps 4 and 6
+    assert lrs == pytest.approx([base] * 4 + [base * 0.1] * 2 + [base * 0.01] * 2)
+    for lr, groups in seen:                     # resnet10: 4 blocks, head at id 5
+        assert {i for i, _ in groups} == {0, 1, 2, 3, 4, 5}
+        for i, group_lr in groups:
+            assert group_lr == pytest.approx(lr * 0.5 ** (5 - i))
+
+
+def test_image_folder_datasets_through_a_dataloader(tmp_path):
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c, value in (("dark", 40), ("light", 215)):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                px = (value + torch.randint(-30, 30, (8, 8, 3), generator=gen)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(px.numpy()).save(d / f"{i}.png")
+    (tmp_path / "train" / "dark" / "broken.png").write_bytes(b"not a png")   # skipped, not fatal
+    train = ImageFolder(tmp_path / "train", img_size=8, labeled=True)
+    test = ImageFolder(tmp_path / "test", img_size=8, labeled=True)
+    res = finetune(_resnet(), train, test, _cfg(epochs=4, batch_size=4, lr=2e-2), progress=False)
+    assert res["train_images"] == 13 and res["test_images"] == 12
+    assert res["final"]["top1"] == 100.0       # dark vs light: trivially separable
+
+
+def test_load_for_finetune_specs(tmp_path):
+    # random: seeded
+    a, b = load_for_finetune("random:resnet10_cifar", 8, seed=3), load_for_finetune("random:resnet10_cifar", 8, seed=3)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+    # a keel run directory; at another image size a ViT's position table is resampled
+    from keel.engine.checkpoint import export_backbone
+    vit = create_model("vit_tiny_patch4_32", img_size=16, depth=1, dim=24, num_heads=2)
+    kwargs = {"img_size": 16, "depth": 1, "dim": 24, "num_heads": 2}
+    export_backbone(vit, tmp_path / "run", {"model": "vit_tiny_patch4_32", "model_kwargs": kwargs})
+    same = load_for_finetune(str(tmp_path / "run"), 16)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in vit.state_dict().items())
+    small = load_for_finetune(str(tmp_path / "run" / "backbone.safetensors"), 8)
+    assert small.pos_embed.shape == (1, 1 + 4, 24)
+    torch.testing.assert_close(small.pos_embed[:, 0], vit.pos_embed[:, 0])          # class token entry kept
+    torch.testing.assert_close(small.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+
+    # timm: a real timm model's state dict, as .pth (nested under "model") and .safetensors, by
+    # keel's or timm's name; the ImageNet head is dropped; features equal timm's
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    tm = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=7).eval()
+    torch.save({"model": tm.state_dict(), "epoch": 3}, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tm.forward_head(tm.forward_features(x), pre_logits=True)
+        for spec in (f"timm:vit_tiny_patch16:{tmp_path / 'w.pth'}",
+                     f"timm:vit_tiny_patch16_224:{tmp_path / 'w.safetensors'}"):
+            m = load_for_finetune(spec, 32).eval()
+            assert isinstance(m.head, nn.Identity)
+            torch.testing.assert_close(m.embed(x), want, rtol=1e-4, atol=1e-5)
+        assert load_for_finetune(f"timm:vit_tiny_patch16:{tmp_path / 'w.pth'}", 48).pos_embed.shape == (1, 10, 192)
+    with pytest.raises(ValueError, match="timm:<model name>:<path"):
+        load_for_finetune("timm:vit_tiny_patch16", 32)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_tiny_patch4_32", dict(img_size=16, depth=3, dim=24, num_heads=2)),
+    ("swin_tiny", dict(embed_dim=8, depths=(1, 2, 2), num_heads=(1, 1, 1), window_size=2)),
+    ("keel_tiny", dict(img_size=32, widths=(8, 16, 32, 64), depths=(1, 2, 2, 1))),
+    ("resnet10_cifar", {}),
+])
+def test_set_drop_path_matches_the_rates_models_are_built_with(name, kw):
+    def rates(model):
+        return {n: m.p for n, m in model.named_modules() if isinstance(m, ft.DropPath)}
+
+    built = create_model(name, drop_path_rate=0.3, **kw)
+    later = create_model(name, **kw)
+    ft.set_drop_path(later, 0.3)
+    assert rates(later) == pytest.approx(rates(built)) and max(rates(built).values()) == pytest.approx(0.3)
