@@ -45,12 +45,18 @@ protocols:
   all      both
   fewshot  1/5/10/25 labeled images per class (--shots), several random draws (--draws), mean +- std
            of kNN and linear probe (add --finetune for the fine-tune protocol too)
+  suite    several checkpoints side by side on several datasets (--checkpoint A B .., --data X Y ..):
+           kNN, linear probe, few-shot, a short fine-tuning (--finetune-epochs, or --hyperrule for
+           BiT-HyperRule's schedule) and robustness to noise/blur/contrast/JPEG (--severity); writes
+           report.md, report.json and PNGs into --out (one table per dataset, best in bold)
 
 examples:
   keel eval fewshot --checkpoint runs/my-run --data fashion-mnist --shots 1 5 10 --draws 5
   keel eval knn --checkpoint runs/my-run --data digits
   keel eval all --checkpoint runs/my-run/backbone.safetensors --data fashion-mnist --img-size 32
   keel eval linear --checkpoint random:resnet10_cifar --data digits    # an untrained baseline
+  keel eval suite --checkpoint runs/run-a runs/run-b random:resnet18_cifar --data digits fashion-mnist \\
+      --shots 1 5 10 --finetune-epochs 5 --out runs/suite
   keel eval knn --checkpoint runs/my-run --data path/to/labeled   # one sub-folder per class;
                                                                   # train/ + test/ inside, or every
                                                                   # 5th image is held out as test
@@ -106,6 +112,8 @@ examples:
   keel finetune backbone=runs/my-run source=fashion-mnist mode=linear epochs=20
   keel finetune backbone=random:resnet18_cifar source=path/to/labeled lr=2e-3
   keel finetune backbone=timm:vit_small_patch16_224:vit_s.safetensors source=path/to/labeled img_size=224 layer_decay=0.65
+  keel finetune backbone=random:deit_tiny_patch16 source=path/to/labeled img_size=224 recipe=deit epochs=300
+  keel finetune backbone=runs/my-run source=digits recipe=deit teacher=runs/finetune-full-resnet18 distill=hard
 
 configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
 in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
@@ -149,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="kNN / linear probe of a backbone on frozen features",
                         description="Evaluate a backbone's frozen features on a labeled dataset.",
                         epilog=EVAL_EPILOG, formatter_class=fmt)
-    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot"])
-    ev.add_argument("--checkpoint", required=True,
-                    help="a run directory, a backbone.safetensors with its card.json, or random:MODEL")
-    ev.add_argument("--data", default="digits", help="built-in name or labeled folder (default: digits)")
+    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot", "suite"])
+    ev.add_argument("--checkpoint", required=True, nargs="+",
+                    help="a run directory, a backbone.safetensors with its card.json, or random:MODEL "
+                         "(suite: several; also timm:MODEL:FILE)")
+    ev.add_argument("--data", default=["digits"], nargs="+",
+                    help="built-in name or labeled folder (default: digits; suite: several)")
     ev.add_argument("--img-size", type=int, help="image side (default: the one the backbone was trained at)")
     ev.add_argument("--k", type=int, nargs="+", default=[20, 200], help="kNN neighbours (default: 20 200)")
     ev.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature (default: 0.1)")
@@ -161,7 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="fewshot: images per class (default: 1 5 10 25)")
     ev.add_argument("--draws", type=int, default=3, help="fewshot: random draws per shot count (default: 3)")
-    ev.add_argument("--finetune", action="store_true", help="fewshot: also fine-tune on each draw (slow)")
+    ev.add_argument("--finetune", action="store_true", help="fewshot, suite: also fine-tune on each draw (slow)")
+    ev.add_argument("--out", metavar="DIR", help="suite: folder for the report (default: runs/suite-<time>)")
+    ev.add_argument("--protocols", nargs="+", choices=["knn", "linear", "fewshot", "finetune", "robustness"],
+                    default=["knn", "linear", "fewshot", "finetune", "robustness"],
+                    help="suite: which protocols to run (default: all)")
+    ev.add_argument("--finetune-epochs", type=int, default=10, help="suite: epochs of the short fine-tuning (default: 10)")
+    ev.add_argument("--hyperrule", action="store_true",
+                    help="suite: fine-tune with BiT-HyperRule's schedule (SGD, steps by dataset size) instead")
+    ev.add_argument("--hyperrule-scale", type=float, default=1.0,
+                    help="suite: multiply BiT-HyperRule's step counts, e.g. 0.1 for a quick look (default: 1)")
+    ev.add_argument("--severity", type=int, default=3, help="suite: corruption severity 1..5 for robustness (default: 3)")
+    ev.add_argument("--seed", type=int, default=0, help="suite: few-shot draws, fine-tuning, noise (default: 0)")
 
     ft = sub.add_parser("finetune", help="fine-tune a backbone on labeled data (full, partial, linear)",
                         description="Fine-tune a pretrained (or random) backbone on a labeled dataset.",
@@ -255,6 +276,13 @@ def cmd_eval(args) -> int:
     from keel.engine.distributed import resolve_device
     from keel.evaluate.frozen import evaluate_frozen
 
+    if args.protocol == "suite":
+        return _suite(args)
+    for flag in ("checkpoint", "data"):
+        values = getattr(args, flag)
+        if len(values) != 1:
+            raise ValueError(f"--{flag} takes one value for `keel eval {args.protocol}` (several only for suite)")
+        setattr(args, flag, values[0])
     backbone, size = _load_for_eval(args.checkpoint, args.img_size)
     train, test = labeled_splits(args.data, size)
     device = resolve_device(args.device)
@@ -283,6 +311,26 @@ def _fewshot(args, backbone, train, test, size, device) -> int:
         print(f"  {n:>5}  " + "".join(f"{res[p][n]['mean']:>9.2f} +-{res[p][n]['std']:>5.2f}" for p in protocols))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _suite(args) -> int:
+    from keel.evaluate.suite import run_suite
+    out = Path(args.out) if args.out else Path("runs") / f"suite-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = run_suite(args.checkpoint, args.data, out, shots=args.shots, draws=args.draws,
+                       finetune_epochs=args.finetune_epochs, img_size=args.img_size, protocols=args.protocols,
+                       device=args.device, progress=True, seed=args.seed, knn_ks=args.k, knn_t=args.temperature,
+                       linear_epochs=args.epochs,
+                       fewshot_protocols=("knn", "linear", "finetune") if args.finetune else ("knn", "linear"),
+                       finetune_recipe="hyperrule" if args.hyperrule else "short",
+                       hyperrule_scale=args.hyperrule_scale, severity=args.severity)
+    text = (out / "report.md").read_text()
+    blocks = [b for b in text.split("\n\n") if not b.startswith("![")]
+    print("\n" + "\n\n".join(blocks))
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and "
+          f"{sum(len(f) for f in report['files']['figures'].values())} PNGs")
+    if args.json:
+        Path(args.json).write_text((out / "report.json").read_text())
     return 0
 
 

@@ -2,6 +2,7 @@
 on digits, seeding, the lr wiring (schedules, layer decay), artifacts, image folders, loading."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -214,3 +215,122 @@ def test_set_drop_path_matches_the_rates_models_are_built_with(name, kw):
     later = create_model(name, **kw)
     ft.set_drop_path(later, 0.3)
     assert rates(later) == pytest.approx(rates(built)) and max(rates(built).values()) == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------------------------- DeiT recipe, EMA
+DEIT = dict(optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_epochs=5.0, label_smoothing=0.1,
+            randaugment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, mix_switch_prob=0.5, reprob=0.25,
+            drop_path_rate=0.1, repeated_aug=3)
+
+
+def test_deit_recipe_fills_exactly_the_deit_values(capsys):
+    import dataclasses
+    cfg = ft.apply_recipe(FinetuneConfig(recipe="deit", batch_size=512))
+    for key, value in DEIT.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.lr * cfg.batch_size / 256 == pytest.approx(5e-4 * 512 / 512)   # DeiT: 5e-4 x batch / 512
+    assert cfg.model_ema == 0.0 and cfg.distill == "none" and cfg.epochs == 50  # left alone
+    untouched = {f.name for f in dataclasses.fields(FinetuneConfig)} - set(DEIT) - {"recipe", "lr", "batch_size"}
+    assert all(getattr(cfg, k) == getattr(FinetuneConfig(), k) for k in untouched)
+    printed = capsys.readouterr().out
+    assert "recipe deit: set lr=0.00025" in printed and "mixup=0.8" in printed and "repeated_aug=3" in printed
+    assert ft.apply_recipe(cfg, verbose=False) == cfg                           # applying twice: no change
+
+    # what the user set is kept; another optimizer keeps its own lr and weight decay
+    mine = ft.apply_recipe(FinetuneConfig(recipe="deit", mixup=0.2, lr=1e-3, reprob=0.0 + 0.1), verbose=False)
+    assert (mine.mixup, mine.lr, mine.reprob, mine.cutmix) == (0.2, 1e-3, 0.1, 1.0)
+    sgd = ft.apply_recipe(FinetuneConfig(recipe="deit", optimizer="sgd"), verbose=False)
+    assert sgd.optimizer == "sgd" and sgd.lr is None and sgd.weight_decay is None and sgd.mixup == 0.8
+    assert ft.apply_recipe(FinetuneConfig()) == FinetuneConfig()
+    with pytest.raises(ft.ConfigError, match="recipe must be"):
+        ft.apply_recipe(FinetuneConfig(recipe="beit"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(distill="medium"), "distill must be"), (dict(randaugment="rand-m9-x3"), "unknown part"),
+    (dict(mixup=-1.0), "Beta alphas"), (dict(reprob=1.5), "reprob"), (dict(model_ema=1.0), "model_ema"),
+    (dict(repeated_aug=0), "repeated_aug"), (dict(repeated_aug=65), "repeated_aug"),
+    (dict(teacher="random:resnet10_cifar"), "distill=none"), (dict(distill_tau=0.0), "distill_tau"),
+])
+def test_recipe_and_distillation_keys_are_checked(kw, match):
+    with pytest.raises(ft.ConfigError, match=match):
+        ft._check(_cfg(**kw))
+
+
+def test_distillation_without_a_teacher_or_with_another_task_is_refused(digits8):
+    train, test = digits8
+    with pytest.raises(ft.ConfigError, match="needs a teacher"):
+        finetune(_resnet(), train, test, _cfg(distill="hard"), progress=False)
+
+    from keel.evaluate.multilabel import MultiLabelTask
+    with pytest.raises(ft.ConfigError, match="single-label classification"):
+        finetune(_resnet(), train, test, _cfg(mixup=0.8), task=MultiLabelTask(10), progress=False)
+
+
+def test_update_ema_is_the_formula_after_two_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = copy.deepcopy(model)
+    w0 = _state(model)
+    states = []
+    for _ in range(2):                               # two "steps": new weights and BN statistics
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(8, 3))
+        states.append(_state(model))
+        ft.update_ema(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            want = 0.81 * w0[k] + 0.9 * 0.1 * states[0][k] + 0.1 * states[1][k]
+            torch.testing.assert_close(v, want)
+        else:                                        # BatchNorm's step count is copied
+            assert torch.equal(v, states[1][k])
+
+
+def test_model_ema_in_finetune_equals_the_formula_and_is_evaluated(digits8, monkeypatch, tmp_path):
+    train, test = digits8
+    small = train.subset(torch.arange(96))
+    recorded = []
+    real = ft.update_ema
+
+    def spy(ema, model, decay):
+        recorded.append(_state(model))
+        real(ema, model, decay)
+
+    monkeypatch.setattr(ft, "update_ema", spy)
+    torch.manual_seed(5)
+    vit = create_model("vit_tiny_patch4_32", img_size=8, patch_size=2, depth=2, dim=24, num_heads=2)
+    start = {f"backbone.{k}": v.clone() for k, v in vit.state_dict().items()}
+    res = finetune(vit, small, test, _cfg(model_ema=0.7, lr=1e-2, batch_size=48, epochs=1), run_dir=tmp_path / "r",
+                   progress=False)
+    assert len(recorded) == res["steps"] == 2
+    torch.manual_seed(0)                             # the head as finetune initialises it (seed 0)
+    start.update({f"head.{k}": v for k, v in ClassificationTask(10).head(24).state_dict().items()})
+    ema = res["ema_classifier"].state_dict()
+    assert set(ema) == set(start)
+    for k, v in ema.items():                         # EMA started at the initial model, decay 0.7
+        torch.testing.assert_close(v, 0.49 * start[k] + 0.7 * 0.3 * recorded[0][k] + 0.3 * recorded[1][k])
+    assert not torch.equal(ema["backbone.pos_embed"], res["classifier"].state_dict()["backbone.pos_embed"])
+    assert {"ema_top1", "ema_top5"} <= set(res["final"]) and res["best_ema"]["epoch"] == 1
+    saved = load_file(tmp_path / "r" / "classifier_ema.safetensors")
+    torch.testing.assert_close(saved["head.weight"], ema["head.weight"])
+
+
+def test_repeated_augmentation_keeps_the_epoch_length(digits8, monkeypatch):
+    train, test = digits8
+    small = train.subset(torch.arange(128))
+    seen = []
+    real = ft._batches
+
+    def spy(ds, index_batches, *args):
+        index_batches = list(index_batches)
+        seen.append(index_batches)
+        return real(ds, index_batches, *args)
+
+    monkeypatch.setattr(ft, "_batches", spy)
+    res = finetune(_resnet(), small, test, _cfg(repeated_aug=4, batch_size=32, lr=1e-2), progress=False)
+    assert res["steps"] == 4
+    epoch = seen[0]
+    assert sum(len(b) for b in epoch) == 128 and len(torch.cat(epoch).unique()) == 32
+    assert all(torch.all(b.unique(return_counts=True)[1] == 4) for b in epoch)

@@ -19,6 +19,17 @@ the head alone (linear). The loop is as plain as MAE's main_finetune: read it to
   the best epoch by the task's main metric, picked on the test split itself: an optimistic number.
   "final" (the last epoch) is the honest one when there is no separate validation split.
 
+Supervised recipe (DeiT's; all off by default, ``recipe="deit"`` turns them on, see
+:func:`apply_recipe`): RandAugment and random erasing in the views, Mixup/CutMix on the batch
+(soft targets, label smoothing applied by the loss), repeated augmentation (the same image several
+times per batch, each copy with its own views), a model EMA evaluated beside the model, and
+knowledge distillation from a teacher (:mod:`keel.evaluate.distill`). The augmentations are
+torchvision's (:mod:`keel.data.recipes`): RandAugment runs per image on the CPU, so GPU batches
+make a round trip there. A distilled DeiT student gets a second head on its distillation token
+(:class:`DistilledHead`); in linear mode, or without a distillation token, the student's one head
+learns from both the labels and the teacher. Kept from keel's fine-tuning rather than DeiT's: the
+crop (area 0.35-1, DeiT 0.08-1), the warm-up from 0 and the cosine to 0 (DeiT: from 1e-6, to 1e-5).
+
 Randomness: the head's initialisation and drop-path come from ``torch.manual_seed(seed)``, the data
 order and the views from one ``torch.Generator`` seeded with ``seed``; the same seed (on the same
 device, with the same number of threads) gives the same run.
@@ -26,15 +37,17 @@ device, with the same number of threads) gives the same run.
 Artifacts in ``run_dir``: ``config.yaml`` (the FinetuneConfig), ``metrics.jsonl`` (one line per
 epoch), ``classifier.safetensors`` (backbone + head after the last epoch, keys ``backbone.*`` and
 ``head.*``), ``classifier_best.safetensors`` (the same at the best epoch), ``result.json`` and
-``curves.png``.
+``curves.png``; with ``model_ema`` also ``classifier_ema.safetensors`` (the EMA after the last
+epoch). config.yaml holds the values used, a recipe's filled in.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -43,18 +56,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.config import ConfigError, save_config
+from keel.data.recipes import MixupCutmix, RecipeAugment, parse_randaugment, repeated_batches
 from keel.data.sources import collate_skip
 from keel.data.views import BatchAugment, ViewConfig
 from keel.engine.checkpoint import atomic_write
 from keel.engine.distributed import resolve_device
 from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, layer_id_of, num_layers, step_lr
+from keel.evaluate.distill import DISTILL_KINDS, distillation_loss, load_teacher
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
 from keel.models.layers.drop import DropPath
 from keel.models.registry import family_of
 
-__all__ = ["FinetuneConfig", "Task", "ClassificationTask", "Classifier", "finetune", "run_finetune",
-           "load_for_finetune", "set_drop_path", "DEFAULT_LR", "DEFAULT_WEIGHT_DECAY"]
+__all__ = ["FinetuneConfig", "Task", "ClassificationTask", "Classifier", "DistilledHead", "finetune",
+           "run_finetune", "load_for_finetune", "set_drop_path", "apply_recipe", "update_ema", "RECIPES",
+           "DEFAULT_LR", "DEFAULT_WEIGHT_DECAY"]
 
 # Per optimizer when the config leaves them unset. AdamW: MAE's fine-tuning (base lr 5e-4 per 256,
 # weight decay 0.05). SGD: momentum 0.9 and no weight decay as BiT fine-tunes, lr 0.01 per 256.
@@ -90,6 +106,62 @@ class FinetuneConfig:
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     num_workers: int = 2            # decoding workers for image folders
     out_dir: str = "runs"           # run_finetune's default run directory lives here
+    # supervised recipe (all off by default) and knowledge distillation
+    recipe: str = ""                # "" | deit: fills the DeiT values of the keys left at their defaults
+    randaugment: str = ""           # timm-style spec, e.g. rand-m9-mstd0.5-inc1 ("": off)
+    mixup: float = 0.0              # Mixup's Beta alpha (0: off)
+    cutmix: float = 0.0             # CutMix's Beta alpha (0: off)
+    mix_switch_prob: float = 0.5    # both on: CutMix with this probability per batch, else Mixup
+    reprob: float = 0.0             # random erasing probability per image
+    repeated_aug: int = 1           # copies of each image per batch, each with its own views (DeiT: 3)
+    model_ema: float = 0.0          # EMA decay per step (0: off); the EMA is evaluated too (ema_* metrics)
+    teacher: str = ""               # classifier to distill from: keel finetune run, timm:<model>:<file>, random:<model>
+    distill: str = "none"           # none | hard (teacher's argmax) | soft (KL at distill_tau)
+    distill_tau: float = 1.0        # soft distillation temperature
+    distill_alpha: float = 0.5      # loss = (1 - alpha) * base + alpha * distillation
+
+
+# DeiT (Touvron et al. 2021, its main.py): AdamW, lr 5e-4 per 512 images (keel's lr is per 256:
+# 2.5e-4), weight decay 0.05, cosine, 5 warm-up epochs, label smoothing 0.1, RandAugment m9
+# mstd0.5 (increasing ops), Mixup 0.8, CutMix 1.0 (switch 0.5), random erasing 0.25, drop path
+# 0.1, repeated augmentation x3. Left to the user: the epochs (DeiT: 300), the model EMA (off).
+RECIPES: dict[str, dict] = {
+    "deit": {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.05, "schedule": "cosine",
+             "warmup_epochs": 5.0, "label_smoothing": 0.1, "randaugment": "rand-m9-mstd0.5-inc1",
+             "mixup": 0.8, "cutmix": 1.0, "mix_switch_prob": 0.5, "reprob": 0.25, "drop_path_rate": 0.1,
+             "repeated_aug": 3},
+}
+
+
+def apply_recipe(cfg: FinetuneConfig, verbose: bool = True) -> FinetuneConfig:
+    """``cfg`` with its recipe's values (:data:`RECIPES`) in every key the user left at its
+    default; a key set to anything else is kept, and so are ``lr`` and ``weight_decay`` when the
+    optimizer is not the recipe's (the recipe's values are for its optimizer). Returns a new
+    config (``cfg`` itself is not changed); applying it twice changes nothing more. With
+    ``verbose`` it prints what it set and what it kept."""
+    if not cfg.recipe:
+        return cfg
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of '' | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
+    recipe, defaults = RECIPES[cfg.recipe], FinetuneConfig()
+    other_optimizer = cfg.optimizer != recipe.get("optimizer", cfg.optimizer)
+    changes, same, kept = {}, [], []
+    for key, value in recipe.items():
+        current = getattr(cfg, key)
+        if current == value:
+            same.append(f"{key}={value!r}")
+        elif current == getattr(defaults, key) and not (other_optimizer and key in ("lr", "weight_decay")):
+            changes[key] = value
+        else:
+            kept.append(f"{key}={current!r}")
+    if verbose:
+        lines = [f"recipe {cfg.recipe}: set " + (", ".join(f"{k}={v!r}" for k, v in changes.items()) or "nothing")]
+        if same:
+            lines.append("  already the recipe's: " + ", ".join(same))
+        if kept:
+            lines.append("  kept (set by you): " + ", ".join(kept))
+        print("\n".join(lines))
+    return replace(cfg, **changes)
 
 
 class Task(Protocol):
@@ -105,7 +177,9 @@ class Task(Protocol):
 
 class ClassificationTask:
     """Single-label classification: a linear head, cross-entropy (optionally label-smoothed), top-1
-    and top-5 accuracy in percent."""
+    and top-5 accuracy in percent. ``loss`` takes class indices or, after Mixup/CutMix, (B, C)
+    target probabilities; smoothing then applies to the mixed targets, which equals timm's
+    smoothing of each one-hot before mixing (the two are linear)."""
 
     main_metric = "top1"
 
@@ -130,14 +204,32 @@ class ClassificationTask:
         return {"top1": acc[1], "top5": acc[5]}
 
 
+class DistilledHead(nn.Module):
+    """DeiT's two classifiers for a backbone with a distillation token: ``cls`` reads the class
+    token, ``dist`` the distillation token. Train mode: ``(class logits, distillation logits)``
+    (the first learns from the labels, the second from the teacher); eval mode: their average."""
+
+    def __init__(self, cls: nn.Module, dist: nn.Module):
+        super().__init__()
+        self.cls = cls
+        self.dist = dist
+
+    def forward(self, cls_features: torch.Tensor, dist_features: torch.Tensor):
+        a, b = self.cls(cls_features), self.dist(dist_features)
+        return (a, b) if self.training else (a + b) / 2
+
+
 class Classifier(nn.Module):
     """``head(feature_norm(backbone.embed(x)))``. ``feature_norm`` is a BatchNorm without affine
     parameters in linear mode (see the module docstring), else the identity. With
-    ``frozen_backbone`` the backbone runs without autograd."""
+    ``frozen_backbone`` the backbone runs without autograd. A :class:`DistilledHead` reads the
+    backbone's class and distillation tokens (``forward_tokens``) instead of ``embed``."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, feature_norm: bool = False,
                  frozen_backbone: bool = False):
         super().__init__()
+        if isinstance(head, DistilledHead) and (feature_norm or getattr(backbone, "dist_token", None) is None):
+            raise ValueError("a DistilledHead needs a backbone with a distillation token, without feature_norm")
         self.backbone = backbone
         self.feature_norm = (nn.BatchNorm1d(backbone.num_features, affine=False, eps=1e-6) if feature_norm
                              else nn.Identity())
@@ -145,9 +237,28 @@ class Classifier(nn.Module):
         self.frozen_backbone = frozen_backbone
 
     def forward(self, x: torch.Tensor):
+        if isinstance(self.head, DistilledHead):
+            with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
+                tokens = self.backbone.forward_tokens(x)
+            return self.head(tokens[:, 0], tokens[:, 1])
         with torch.no_grad() if self.frozen_backbone else contextlib.nullcontext():
             features = self.backbone.embed(x)
         return self.head(self.feature_norm(features))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """One step of a model EMA (timm's ModelEma, DeiT's ``--model-ema``): every floating-point
+    entry of the state dict, parameters and buffers (BatchNorm statistics) alike, becomes
+    ``decay * ema + (1 - decay) * model``; integer buffers (BatchNorm's step count) are copied.
+    Started from a copy of the model before the first step, after k steps it is
+    ``decay**k * w0 + (1 - decay) * sum_i decay**(k - i) * w_i``."""
+    own = model.state_dict()
+    for key, e in ema.state_dict().items():
+        if e.is_floating_point():
+            e.lerp_(own[key].to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(own[key])
 
 
 def set_drop_path(backbone: nn.Module, rate: float) -> None:
@@ -176,6 +287,28 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if any(not 0.0 <= m <= 1.0 for m in cfg.milestones):
         raise ConfigError(f"milestones are fractions of training in [0, 1], got {cfg.milestones}")
+    if cfg.recipe and cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of '' | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.distill not in DISTILL_KINDS:
+        raise ConfigError(f"distill must be one of {' | '.join(DISTILL_KINDS)}, got {cfg.distill!r}")
+    if cfg.randaugment:
+        try:
+            parse_randaugment(cfg.randaugment)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise ConfigError("mixup and cutmix are Beta alphas: >= 0 (0 = off)")
+    for key in ("mix_switch_prob", "reprob", "distill_alpha"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.model_ema < 1.0:
+        raise ConfigError(f"model_ema is a decay in [0, 1) (0 = off), got {cfg.model_ema}")
+    if cfg.distill_tau <= 0:
+        raise ConfigError(f"distill_tau must be > 0, got {cfg.distill_tau}")
+    if not 1 <= cfg.repeated_aug <= cfg.batch_size:
+        raise ConfigError(f"repeated_aug must be between 1 and batch_size, got {cfg.repeated_aug}")
+    if cfg.teacher and cfg.distill == "none":
+        raise ConfigError("a teacher is set but distill=none: choose distill=hard or distill=soft")
 
 
 def _num_classes(train_ds, test_ds) -> int:
@@ -252,8 +385,11 @@ def _better(value: float, best: float | None) -> bool:
     return not math.isnan(value) and (best is None or math.isnan(best) or value > best)
 
 
+_TRAIN_KEYS = ("epoch", "step", "loss", "base_loss", "distill_loss", "lr", "time_s")
+
+
 def _test_metrics(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("epoch", "step", "loss", "lr", "time_s")}
+    return {k: v for k, v in rec.items() if k not in _TRAIN_KEYS}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -277,12 +413,20 @@ def _plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- the loop
 def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: Task | None = None,
-             run_dir: str | Path | None = None, progress: bool = True) -> dict:
+             run_dir: str | Path | None = None, progress: bool = True, teacher: nn.Module | None = None) -> dict:
     """Fine-tune ``backbone`` (in place, like MAE) with a head from ``task`` (default: classification
     over the datasets' labels) and return ``{"best": {"epoch", **metrics}, "final": {...},
     "main_metric", ...}`` plus ``"classifier"``, the trained :class:`Classifier` (left out of
     result.json). Afterwards every parameter's ``requires_grad`` is as it was; DropPath rates stay
-    at the config's. With ``run_dir`` the artifacts listed in the module docstring are written."""
+    at the config's. With ``run_dir`` the artifacts listed in the module docstring are written.
+
+    ``cfg.recipe`` is applied first (:func:`apply_recipe`, printed when ``progress``). With
+    ``cfg.distill`` the teacher is ``teacher`` (a module giving class logits) or else loaded from
+    ``cfg.teacher`` (:func:`keel.evaluate.distill.load_teacher`); the epoch records then carry
+    ``base_loss`` and ``distill_loss`` too. With ``cfg.model_ema`` every evaluation also scores the
+    EMA (``ema_<metric>``), the result has ``"best_ema"`` (its best epoch, by its own main metric)
+    and ``"ema_classifier"`` (the EMA model, left out of result.json)."""
+    cfg = apply_recipe(cfg, verbose=progress)
     _check(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -290,6 +434,18 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
     task = task if task is not None else ClassificationTask(_num_classes(train_ds, test_ds), cfg.label_smoothing)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    if (mixing or cfg.distill != "none") and not isinstance(task, ClassificationTask):
+        raise ConfigError("mixup, cutmix and distillation need a single-label classification task")
+    if cfg.distill == "none" and teacher is not None:
+        raise ConfigError("a teacher was given but distill=none: choose distill=hard or distill=soft")
+    if cfg.distill != "none" and teacher is None:
+        if not cfg.teacher:
+            raise ConfigError(f"distill={cfg.distill} needs a teacher: "
+                              "set teacher=<finetune run | timm:<model>:<file> | random:<model>>")
+        teacher = load_teacher(cfg.teacher, task.num_classes, cfg.img_size, seed=cfg.seed)
+    if teacher is not None:
+        teacher = teacher.eval().to(device)
     opt_name = cfg.optimizer
     base_lr = DEFAULT_LR[opt_name] if cfg.lr is None else cfg.lr
     weight_decay = DEFAULT_WEIGHT_DECAY[opt_name] if cfg.weight_decay is None else cfg.weight_decay
@@ -297,11 +453,20 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     torch.manual_seed(cfg.seed)                       # head init, drop-path
     gen = torch.Generator().manual_seed(cfg.seed)     # data order, views
     was_trainable = [(p, p.requires_grad) for p in backbone.parameters()]
-    model = Classifier(backbone, task.head(backbone.num_features), feature_norm=cfg.mode == "linear",
-                       frozen_backbone=cfg.mode == "linear")
+    # a distilled DeiT learns from the teacher through its own token and head (not in linear mode,
+    # whose feature BatchNorm is for one pooled feature; there the one head learns from both)
+    two_heads = cfg.distill != "none" and getattr(backbone, "dist_token", None) is not None and cfg.mode != "linear"
+    head = DistilledHead(task.head(backbone.num_features), task.head(backbone.num_features)) if two_heads \
+        else task.head(backbone.num_features)
+    model = Classifier(backbone, head, feature_norm=cfg.mode == "linear", frozen_backbone=cfg.mode == "linear")
     frozen = _freeze(model, cfg)
     set_drop_path(backbone, cfg.drop_path_rate)
     model.to(device)
+    ema = None
+    if cfg.model_ema > 0:
+        ema = copy.deepcopy(model).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
     groups = layer_decay_param_groups(model, weight_decay, cfg.layer_decay)
     if opt_name == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=base_lr)
@@ -322,8 +487,10 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
             return step_lr(step, total_steps, lr, warmup_steps, cfg.milestones)
         return cosine_lr(step, total_steps, lr, warmup_steps)
 
-    augment = BatchAugment(ViewConfig(size=cfg.img_size, scale=(0.35, 1.0), hflip=0.5,
-                                      jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    view = ViewConfig(size=cfg.img_size, scale=(0.35, 1.0), hflip=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    augment = RecipeAugment(view, cfg.randaugment, cfg.reprob) if cfg.randaugment or cfg.reprob > 0 \
+        else BatchAugment(view)
+    mixer = MixupCutmix(task.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_switch_prob) if mixing else None
     eval_transform = make_eval_transform(cfg.img_size)
 
     metrics_file = None
@@ -337,37 +504,66 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
                disable=not progress, mininterval=1.0)
     history: list[dict] = []
     best: dict | None = None
+    best_ema: dict | None = None
     step, cur_lr = 0, lr_at(0)
     try:
         for epoch in range(1, cfg.epochs + 1):
             _train_mode(model, frozen)
-            perm = torch.randperm(n, generator=gen)
-            index_batches = perm.tensor_split(steps_per_epoch)
-            loss_sum, loss_count = torch.zeros((), device=device), 0
+            if cfg.repeated_aug > 1:
+                index_batches = repeated_batches(n, steps_per_epoch, cfg.repeated_aug, gen)
+            else:
+                index_batches = torch.randperm(n, generator=gen).tensor_split(steps_per_epoch)
+            sums = {k: torch.zeros((), device=device) for k in ("loss", "base_loss", "distill_loss")}
+            loss_count = 0
             for images, targets in _batches(train_ds, index_batches, cfg.num_workers, device):
                 cur_lr = lr_at(step)
                 apply_lr(optimizer, cur_lr)
                 with torch.no_grad():
                     x = augment(images, gen)
+                    if mixer is not None:
+                        x, targets = mixer(x, targets, gen)    # soft targets (B, classes)
+                    if teacher is not None:                    # the teacher sees the mixed batch
+                        with autocast():
+                            teacher_logits = teacher(x).float()
                 with autocast():
                     outputs = model(x)
-                loss = task.loss(outputs.float(), targets)   # the loss in float32 whatever the autocast
+                # the loss in float32 whatever the autocast
+                outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
+                if teacher is not None:
+                    parts = distillation_loss(outputs, teacher_logits, targets, cfg.distill, cfg.distill_tau,
+                                              cfg.distill_alpha, base_loss=task.loss)
+                    loss = parts["loss"]
+                    sums["base_loss"] += parts["base_loss"].detach()
+                    sums["distill_loss"] += parts["distill_loss"].detach()
+                else:
+                    loss = task.loss(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad > 0:
                     nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
                 optimizer.step()
-                loss_sum += loss.detach()
+                if ema is not None:
+                    update_ema(ema, model, cfg.model_ema)
+                sums["loss"] += loss.detach()
                 loss_count += 1
                 step += 1
                 bar.update(1)
-            train_loss = (loss_sum / max(1, loss_count)).item()
+            train_loss = (sums["loss"] / max(1, loss_count)).item()
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}: lower lr or set clip_grad")
             rec = {"epoch": epoch, "step": step, "loss": train_loss, "lr": cur_lr}
+            if teacher is not None:
+                rec.update({k: (sums[k] / max(1, loss_count)).item() for k in ("base_loss", "distill_loss")})
             if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
-                rec.update(_evaluate(model, test_ds, task, eval_transform, max(cfg.batch_size, 256),
-                                     cfg.num_workers, device, autocast))
+                eval_batch = max(cfg.batch_size, 256)
+                rec.update(_evaluate(model, test_ds, task, eval_transform, eval_batch, cfg.num_workers,
+                                     device, autocast))
+                if ema is not None:
+                    ema_metrics = _evaluate(ema, test_ds, task, eval_transform, eval_batch, cfg.num_workers,
+                                            device, autocast)
+                    rec.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+                    if _better(ema_metrics[task.main_metric], best_ema[task.main_metric] if best_ema else None):
+                        best_ema = {"epoch": epoch, **ema_metrics}
                 if _better(rec[task.main_metric], best[task.main_metric] if best else None):
                     best = {"epoch": epoch, **_test_metrics(rec)}
                     if run_dir is not None:
@@ -399,11 +595,23 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if cfg.recipe:
+        result["recipe"] = cfg.recipe
+    if teacher is not None:
+        result["distill"] = cfg.distill
+    if ema is not None:
+        result["best_ema"] = best_ema
     if run_dir is not None:
         _save_classifier(model, run_dir / "classifier.safetensors", {"epoch": last["epoch"]})
+        if ema is not None:
+            _save_classifier(ema, run_dir / "classifier_ema.safetensors",
+                             {"epoch": last["epoch"], "model_ema": cfg.model_ema})
         _write_json(run_dir / "result.json", result)
         _plot_curves(history, task.main_metric, run_dir / "curves.png")
-    return dict(result, classifier=model)
+    out = dict(result, classifier=model)
+    if ema is not None:
+        out["ema_classifier"] = ema
+    return out
 
 
 # ---------------------------------------------------------------------------------- backbones
