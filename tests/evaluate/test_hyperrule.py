@@ -136,3 +136,14 @@ def test_other_recipes_augmentations_are_switched_off():
     assert (cfg.recipe, cfg.randaugment, cfg.cutmix, cfg.reprob, cfg.repeated_aug) == ("", "", 0.0, 0.0, 1)
     assert cfg.model_ema == 0.999                     # not an augmentation: the user's choice stays
     assert "switched off (not in BiT): cutmix, randaugment, recipe, repeated_aug, reprob" in why
+
+
+def test_recipe_bit_chooses_from_the_data(capsys):
+    from keel.evaluate.finetune import _bit_hyperrule
+    cfg = _bit_hyperrule(FinetuneConfig(source="digits", recipe="bit", recipe_max_side=16), progress=True)
+    # digits: 1,437 training images (< 20k) of 8x8 px (< 96x96): the small schedule, no MixUp,
+    # crop 128 capped at 16; 500 steps of 512 images = ceil(500 * 512 / 1437) epochs
+    assert (cfg.optimizer, cfg.schedule, cfg.weight_decay, cfg.recipe) == ("sgd", "step", 0.0, "")
+    assert cfg.epochs == math.ceil(500 * 512 / 1437) and cfg.milestones == pytest.approx([0.4, 0.6, 0.8])
+    assert cfg.img_size == 16 and cfg.mixup == 0.0
+    assert "1437" in capsys.readouterr().out.replace(",", "")

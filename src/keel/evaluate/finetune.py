@@ -108,6 +108,8 @@ class FinetuneConfig:
     out_dir: str = "runs"           # run_finetune's default run directory lives here
     # supervised recipe (all off by default) and knowledge distillation
     recipe: str = ""                # "" | deit: fills the DeiT values of the keys left at their defaults
+                                    # | bit: BiT-HyperRule picks schedule, lr, MixUp, resolution from the data
+    recipe_max_side: int = 0        # bit: cap the HyperRule's resolution (128 or 480 px) for small machines; 0 = none
     randaugment: str = ""           # timm-style spec, e.g. rand-m9-mstd0.5-inc1 ("": off)
     mixup: float = 0.0              # Mixup's Beta alpha (0: off)
     cutmix: float = 0.0             # CutMix's Beta alpha (0: off)
@@ -287,8 +289,8 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if any(not 0.0 <= m <= 1.0 for m in cfg.milestones):
         raise ConfigError(f"milestones are fractions of training in [0, 1], got {cfg.milestones}")
-    if cfg.recipe and cfg.recipe not in RECIPES:
-        raise ConfigError(f"recipe must be one of '' | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.recipe and cfg.recipe not in RECIPES and cfg.recipe != "bit":
+        raise ConfigError(f"recipe must be one of '' | bit | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
     if cfg.distill not in DISTILL_KINDS:
         raise ConfigError(f"distill must be one of {' | '.join(DISTILL_KINDS)}, got {cfg.distill!r}")
     if cfg.randaugment:
@@ -727,8 +729,31 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progres
     if not cfg.backbone:
         raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     _check(cfg)
+    if cfg.recipe == "bit":
+        cfg = _bit_hyperrule(cfg, progress)
     train_ds, test_ds = labeled_splits(cfg.source, cfg.img_size)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
     result = finetune(backbone, train_ds, test_ds, cfg, run_dir=run_dir or default_run_dir(cfg), progress=progress)
     return result
 
+
+
+_NATIVE_SIDE = {"digits": 8, "fashion-mnist": 28}
+
+
+def _bit_hyperrule(cfg: FinetuneConfig, progress: bool) -> FinetuneConfig:
+    """``recipe=bit``: BiT-HyperRule's choices from the training-set size and the images' own side
+    (the first image's, for a folder), printed with the reasons."""
+    from PIL import Image
+
+    from keel.data.sources import labeled_splits
+    from keel.evaluate.hyperrule import hyperrule_config
+    train_ds, _ = labeled_splits(cfg.source, cfg.img_size)
+    side = _NATIVE_SIDE.get(cfg.source)
+    if side is None and getattr(train_ds, "paths", None):
+        with Image.open(train_ds.paths[0]) as im:
+            side = im.size[::-1]
+    cfg, text = hyperrule_config(cfg, len(train_ds), side or cfg.img_size, max_side=cfg.recipe_max_side or None)
+    if progress:
+        print(text)
+    return cfg
