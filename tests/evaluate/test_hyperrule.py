@@ -139,8 +139,8 @@ def test_other_recipes_augmentations_are_switched_off():
 
 
 def test_recipe_bit_chooses_from_the_data(capsys):
-    from keel.evaluate.finetune import _bit_hyperrule
-    cfg = _bit_hyperrule(FinetuneConfig(source="digits", recipe="bit", recipe_max_side=16), progress=True)
+    from keel.evaluate.finetune import bit_recipe
+    cfg = bit_recipe(FinetuneConfig(source="digits", recipe="bit", recipe_max_side=16), progress=True)
     # digits: 1,437 training images (< 20k) of 8x8 px (< 96x96): the small schedule, no MixUp,
     # crop 128 capped at 16; 500 steps of 512 images = ceil(500 * 512 / 1437) epochs
     assert (cfg.optimizer, cfg.schedule, cfg.weight_decay, cfg.recipe) == ("sgd", "step", 0.0, "")

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from keel.data.sources import (
     BadImageError,
     DataError,
+    collate_skip,
     _check_img_size,
     _pil_to_tensor,
     _resize_center_crop,
@@ -108,33 +109,8 @@ def _class_index(path: str, found: set[str], given: Sequence[str] | None, what: 
     return given
 
 
-def collate_targets(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tensor]:
-    """Like :func:`keel.data.sources.collate_skip`, for labels that are tensors (or ints).
-
-    Items whose image is None are dropped and their indices listed in ``"skipped"``.
-    ``"labels"`` stacks the kept items' labels: ``(B, C)`` multi-hot, ``(B, 2)`` pairs,
-    or ``(B,)`` int64 for int labels -- so the result matches ``collate_skip`` on
-    single-label data.  An all-bad batch gives empty tensors with the right label shape.
-    """
-    good = [item for item in batch if item[0] is not None]
-    skipped = torch.tensor([int(item[2]) for item in batch if item[0] is None], dtype=torch.int64)
-    if good:
-        images = torch.stack([item[0] for item in good])
-    else:
-        images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
-    as_tensor = [torch.as_tensor(item[1]) for item in batch]
-    if good:
-        labels = torch.stack([t for t, item in zip(as_tensor, batch) if item[0] is not None])
-    elif as_tensor:
-        labels = as_tensor[0].new_empty((0, *as_tensor[0].shape))
-    else:
-        labels = torch.empty((0,), dtype=torch.int64)
-    return {
-        "images": images,
-        "labels": labels,
-        "index": torch.tensor([int(item[2]) for item in good], dtype=torch.int64),
-        "skipped": skipped,
-    }
+# keel's collate stacks tensor labels too; the name stays for readers of this module
+collate_targets = collate_skip
 
 
 class LabeledCSV(Dataset):

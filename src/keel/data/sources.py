@@ -386,17 +386,26 @@ class ImageFolder(Dataset):
         )
 
 
-def collate_skip(batch: Sequence[tuple[Any, int, int]]) -> dict[str, torch.Tensor]:
-    """Collate ``(image, label, index)`` items, dropping those whose image is None."""
+def collate_skip(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tensor]:
+    """Collate ``(image, label, index)`` items, dropping those whose image is None (their indices
+    go to ``"skipped"``). Labels are ints (-> ``(B,)`` int64) or tensors of one shape (multi-hot,
+    (primary, secondary) pairs), stacked; an all-bad batch keeps the label shape with 0 rows."""
     good = [item for item in batch if item[0] is not None]
     skipped = torch.tensor([int(item[2]) for item in batch if item[0] is None], dtype=torch.int64)
     if good:
         images = torch.stack([item[0] for item in good])
     else:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    as_tensor = [torch.as_tensor(item[1]) for item in batch]
+    if good:
+        labels = torch.stack([t for t, item in zip(as_tensor, batch) if item[0] is not None])
+    elif as_tensor:
+        labels = as_tensor[0].new_empty((0, *as_tensor[0].shape))
+    else:
+        labels = torch.empty((0,), dtype=torch.int64)
     return {
         "images": images,
-        "labels": torch.tensor([int(item[1]) for item in good], dtype=torch.int64),
+        "labels": labels,
         "index": torch.tensor([int(item[2]) for item in good], dtype=torch.int64),
         "skipped": skipped,
     }

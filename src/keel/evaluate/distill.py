@@ -136,8 +136,7 @@ def load_teacher(spec: str, num_classes: int, img_size: int, seed: int = 0) -> n
     keel finetune run, ``timm:<model>:<file>`` (a timm classifier with its head) or
     ``random:<model>`` (see the module docstring). ``img_size``: the size timm and random teachers
     are built at (a finetune run keeps its own)."""
-    from keel.convert import from_timm
-    from keel.evaluate.finetune import _fit_pos_embed, _keel_name, _read_state_dict, load_for_finetune
+    from keel.evaluate.finetune import _fit_pos_embed, _keel_name, load_for_finetune, read_timm_spec
     from keel.models.registry import create_model
     files = _classifier_files(spec)
     if files is not None:
@@ -147,13 +146,9 @@ def load_teacher(spec: str, num_classes: int, img_size: int, seed: int = 0) -> n
             torch.manual_seed(seed)
             model = create_model(_keel_name(spec[len("random:"):]), num_classes=num_classes, img_size=img_size)
     elif spec.startswith("timm:"):
-        parts = spec.split(":", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(f"'{spec}': write timm:<model name>:<path to its state dict>")
-        name = _keel_name(parts[1])
-        sd = from_timm(name, _read_state_dict(parts[2]))
+        name, sd = read_timm_spec(spec)
         if "head.weight" not in sd:
-            raise ValueError(f"'{parts[2]}' has no classifier head: a teacher must output class logits")
+            raise ValueError(f"'{spec}' has no classifier head: a teacher must output class logits")
         with torch.random.fork_rng(devices=[]):
             model = create_model(name, num_classes=sd["head.weight"].shape[0], img_size=img_size)
         _fit_pos_embed(model, sd)

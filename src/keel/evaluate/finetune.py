@@ -665,6 +665,16 @@ def _fit_pos_embed(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     sd["pos_embed"] = torch.cat([pe[:, :prefix], patches], dim=1)
 
 
+def read_timm_spec(spec: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """``timm:<model>:<file>`` -> (keel model name, the file's state dict converted to keel's names)."""
+    from keel.convert import from_timm
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ValueError(f"'{spec}': write timm:<model name>:<path to its state dict>")
+    name = _keel_name(parts[1])
+    return name, from_timm(name, _read_state_dict(parts[2]))
+
+
 def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
     """A backbone to fine-tune at ``img_size``, from ``spec``:
 
@@ -676,18 +686,13 @@ def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
       ``keel.convert.from_timm``; its classifier head is dropped;
     * ``random:<model>``: randomly initialised (seeded), the from-scratch baseline.
     """
-    from keel.convert import from_timm
     from keel.models.registry import create_model
     if spec.startswith("random:"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return create_model(_keel_name(spec[len("random:"):]), img_size=img_size)
     if spec.startswith("timm:"):
-        parts = spec.split(":", 2)
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(f"'{spec}': write timm:<model name>:<path to its state dict>")
-        name = _keel_name(parts[1])
-        sd = from_timm(name, _read_state_dict(parts[2]))
+        name, sd = read_timm_spec(spec)
         sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
         model = create_model(name, img_size=img_size)
         _fit_pos_embed(model, sd)
@@ -730,7 +735,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progres
         raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     _check(cfg)
     if cfg.recipe == "bit":
-        cfg = _bit_hyperrule(cfg, progress)
+        cfg = bit_recipe(cfg, progress)
     train_ds, test_ds = labeled_splits(cfg.source, cfg.img_size)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
     result = finetune(backbone, train_ds, test_ds, cfg, run_dir=run_dir or default_run_dir(cfg), progress=progress)
@@ -741,7 +746,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progres
 _NATIVE_SIDE = {"digits": 8, "fashion-mnist": 28}
 
 
-def _bit_hyperrule(cfg: FinetuneConfig, progress: bool) -> FinetuneConfig:
+def bit_recipe(cfg: FinetuneConfig, progress: bool) -> FinetuneConfig:
     """``recipe=bit``: BiT-HyperRule's choices from the training-set size and the images' own side
     (the first image's, for a folder), printed with the reasons."""
     from PIL import Image

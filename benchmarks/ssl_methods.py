@@ -1,0 +1,592 @@
+"""Every keel self-supervised method on Fashion-MNIST, and lightly's SimCLR, BYOL, SwAV and DINO
+beside keel's, with the same backbone, budget and augmentations.
+
+Each run pretrains on the train split (or a subset), then the frozen backbone is evaluated on
+the 10k test images: kNN (cosine, t = 0.1, k = 200 and k = 20) and a linear probe. Also reported:
+training wall time, time per epoch, and peak memory. Baselines: the same backbones at random
+init (the very weights every run starts from) and raw pixels.
+
+Conv methods use the preset's CIFAR ResNet; MAE and SimMIM need a ViT, so they use a small ViT,
+and SimCLR runs on that ViT too as the contrastive reference for them (``simclr@vit``).
+
+lightly's runs are plain loops written below from lightly's own heads, losses, schedules and
+transforms, on the same keel backbone (same initial weights), epochs, batch, optimizer (AdamW
+with keel's parameter groups) and per-step warm-up + cosine learning rate, with the same head
+sizes and loss settings as the keel run of that method. Their augmentations are lightly's
+torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLoader workers.
+
+    python benchmarks/ssl_methods.py --preset cpu          # 2 quiet CPU cores: 14 runs, about 30 min
+    python benchmarks/ssl_methods.py --preset gpu          # one GPU: ResNet-18, full 60k, 32 px, bf16
+    python benchmarks/ssl_methods.py --preset tiny         # smoke check of the script: ~5 min on 2 cores
+    python benchmarks/ssl_methods.py --methods simclr,byol --no-lightly train.epochs=5
+
+A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
+Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
+run that fails is reported as failed and the others go on. ``train.compile=true`` only applies
+to keel's runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import importlib.util
+import json
+import multiprocessing
+import os
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from keel.config import RunConfig, load_config
+from keel.data.sources import build_dataset
+from keel.data.views import ViewConfig, local_crop_size
+from keel.engine.checkpoint import load_backbone
+from keel.engine.distributed import resolve_device
+from keel.engine.optim import build_optimizer, cosine_lr
+from keel.engine.pretrain import pretrain
+from keel.engine.trainer import model_kwargs
+from keel.evaluate.frozen import evaluate_frozen
+from keel.evaluate.knn import knn_eval
+from keel.evaluate.linear import linear_probe
+from keel.models.registry import create_model
+
+METHODS = ["simclr", "swav", "mae", "simmim", "dino", "mocov3", "byol", "simsiam", "rotation", "simclr@vit"]
+NEEDS_VIT = {"mae", "simmim"}
+SHARED = ["simclr", "byol", "swav", "dino"]  # the methods lightly runs too
+
+PRESETS = {
+    # 2 CPU cores, all 14 runs plus evaluation in about 30 min: 4k-image subset, 24 px, 3 epochs
+    # of batch 128 (93 steps), kNN bank and probe on a 10k-image subset of the train split.
+    "cpu": dict(
+        common=["data.img_size=24", "data.subset=4000", "train.epochs=3", "train.batch_size=128",
+                "train.warmup_epochs=0.5", "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=50"],
+        cnn=["model.name=resnet10_cifar", "train.lr=4e-3"],
+        vit=["model.name=vit_tiny_patch4_32", "train.lr=1e-3", "train.weight_decay=0.05"],
+        eval_train=10000, eval_test=0),
+    # One GPU: CIFAR ResNet-18, the full 60k, 32 px, bf16 (precision=auto), batch 512, 15 epochs
+    # (about 1-3 min a run on an H100). Evaluated against the whole train split.
+    "gpu": dict(
+        common=["data.img_size=32", "train.epochs=15", "train.batch_size=512", "train.warmup_epochs=2",
+                "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=100"],
+        cnn=["model.name=resnet18_cifar", "train.lr=2e-3"],
+        vit=["model.name=vit_tiny_patch4_32", "train.lr=5e-4", "train.weight_decay=0.05"],
+        eval_train=0, eval_test=0),
+    # A smoke check of the script itself (numbers mean nothing): 512 images at 16 px, 1 epoch.
+    "tiny": dict(
+        common=["data.img_size=16", "data.subset=512", "train.epochs=1", "train.batch_size=64",
+                "train.warmup_epochs=0.5", "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=2"],
+        cnn=["model.name=resnet10_cifar", "train.lr=4e-3"],
+        vit=["model.name=vit_tiny_patch4_32", "train.lr=1e-3", "train.weight_decay=0.05"],
+        eval_train=1000, eval_test=1000),
+}
+
+# Each method's own settings, set explicitly so that keel's and lightly's runs of a shared method
+# use the same head sizes and loss parameters (no hidden defaults). Sized for 24-32 px data and
+# short runs: EMA teachers start at 0.99, not 0.996, so that they move within ~100-2000 steps.
+METHOD_SETTINGS = {
+    "simclr": ["method.temperature=0.1", "method.proj_hidden_dim=512", "method.proj_dim=128"],
+    "byol": ["method.proj_hidden_dim=1024", "method.proj_dim=256", "method.pred_hidden_dim=1024",
+             "method.momentum=0.99"],
+    "swav": ["method.proj_hidden_dim=512", "method.proj_dim=128", "method.num_prototypes=512",
+             "method.temperature=0.1", "method.freeze_prototypes_epochs=1", "method.queue_length=0",
+             "aug.local_crops=6"],
+    # freeze_prototypes_epochs: keel's DINO keeps its last layer fixed that long (lightly: freeze_last_layer)
+    "dino": ["method.proj_hidden_dim=512", "method.proj_dim=64", "method.out_dim=2048", "method.momentum=0.99",
+             "method.temperature=0.1", "method.teacher_temp=0.04", "method.warmup_teacher_temp_epochs=0",
+             "method.center_momentum=0.9", "method.freeze_prototypes_epochs=1", "aug.local_crops=6"],
+    "mocov3": ["method.proj_hidden_dim=1024", "method.proj_dim=256", "method.pred_hidden_dim=1024",
+               "method.momentum=0.99"],
+    "simsiam": [],
+    "rotation": [],
+    "mae": ["method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4"],  # a decoder for a tiny ViT
+    "simmim": [],
+}
+NORMALIZE = {"mean": list(ViewConfig().mean), "std": list(ViewConfig().std)}  # what keel's eval uses
+
+
+# ------------------------------------------------------------------------------------ measuring
+class PeakMemory:
+    """Peak memory of the code inside ``with``, in MiB above what was in use when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only). CPU: the process's peak resident
+    set (VmHWM), reset on entry through /proc/self/clear_refs (Linux); without it, the growth of
+    ``ru_maxrss``, which misses peaks below an earlier one. DataLoader workers are other
+    processes: their memory is not counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb = float("nan")
+        if device.type == "cuda":
+            self.how = "CUDA max_memory_allocated above the start"
+        elif os.access("/proc/self/clear_refs", os.W_OK):
+            self.how = "peak RSS (VmHWM) above the start"
+        else:
+            self.how = "growth of ru_maxrss (peaks below an earlier one are missed)"
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        elif self.how.startswith("peak RSS"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.start = self._status_kb("VmRSS")
+        else:
+            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        elif self.how.startswith("peak RSS"):
+            self.mb = (self._status_kb("VmHWM") - self.start) / 1024
+        else:
+            self.mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start) / 1024
+        return False
+
+
+def eval_splits(preset: str, size: int):
+    """The kNN bank / linear-probe training images and the test images (all of them, or the preset's subsets)."""
+    p = PRESETS[preset]
+    return (build_dataset("fashion-mnist", "train", size, subset=p["eval_train"], seed=0),
+            build_dataset("fashion-mnist", "test", size, subset=p["eval_test"], seed=0))
+
+
+def evaluate(backbone: nn.Module, size: int, preset: str, device, linear_epochs: int) -> dict:
+    train, test = eval_splits(preset, size)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    r = evaluate_frozen(backbone.to(device), train, test, size, device, ks=(20, 200), temperature=0.1,
+                        linear_epochs=linear_epochs, amp_dtype=amp)
+    return {"knn200": r["knn_top1@200"], "knn20": r["knn_top1@20"], "linear": r["linear_top1"]}
+
+
+def pixel_baseline(preset: str, linear_epochs: int, device) -> dict:
+    """Flattened 28x28 pixels through the same kNN and linear protocols (as ssl_fashion_mnist.py's
+    ``raw_pixels``, but on the same train/test subsets as the backbones here)."""
+    tr, te = eval_splits(preset, 28)
+    xtr, xte = tr.images[:, 0].flatten(1).float() / 255, te.images[:, 0].flatten(1).float() / 255
+    r = knn_eval(xtr, tr.labels, xte, te.labels, ks=(20, 200), temperature=0.1)
+    r.update(linear_probe(xtr, tr.labels, xte, te.labels, epochs=linear_epochs, device=device))
+    return {"knn200": r["knn_top1@200"], "knn20": r["knn_top1@20"], "linear": r["linear_top1"]}
+
+
+# ------------------------------------------------------------------------------------ keel runs
+def keel_run(cfg: RunConfig, run_dir: Path, device) -> tuple[nn.Module, dict]:
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        result = pretrain(cfg, run_dir, quiet=True)
+        train_s = time.perf_counter() - t0
+    images = min(cfg.data.subset, 60000) if cfg.data.subset else 60000
+    epochs = result["steps"] / (images // cfg.train.batch_size)
+    return load_backbone(run_dir), {"train_s": train_s, "epochs": epochs, "peak_mb": mem.mb,
+                                    "final_loss": result["loss"]}
+
+
+# ---------------------------------------------------------------------------------- lightly runs
+@dataclass
+class LightlyRun:
+    module: nn.Module                 # every trained and EMA part (moved to the device together)
+    transform: Callable               # PIL image -> list of views
+    loss: Callable                    # (views on the device, step) -> loss, called under autocast
+    after_backward: Callable | None = None   # (step) -> None, between backward and the optimizer step
+
+
+def fp32(criterion, *outs, **kw):
+    """A lightly loss on float32 inputs outside autocast (keel computes its losses in float32)."""
+    cast = lambda o: [t.float() for t in o] if isinstance(o, (list, tuple)) else o.float()  # noqa: E731
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return criterion(*[cast(o) for o in outs], **kw)
+
+
+def lightly_aug(cfg: RunConfig) -> dict:
+    """keel's ``aug`` section in lightly's transform arguments (blur and solarization off unless set)."""
+    a = cfg.aug
+    return dict(hf_prob=a.hflip, cj_prob=a.jitter_p, cj_strength=1.0, cj_bright=a.jitter, cj_contrast=a.jitter,
+                cj_sat=a.jitter, cj_hue=a.hue, random_gray_scale=a.gray_p, normalize=NORMALIZE)
+
+
+def local_views(cfg: RunConfig) -> tuple[int, int]:
+    return cfg.aug.local_crops, cfg.aug.local_size or local_crop_size(cfg.data.img_size)
+
+
+def lightly_simclr(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    m = cfg.method
+    model = nn.Sequential(backbone, SimCLRProjectionHead(backbone.num_features, m.proj_hidden_dim, m.proj_dim))
+    criterion = NTXentLoss(temperature=m.temperature)
+
+    def loss(views, step):
+        x0, x1 = views
+        return fp32(criterion, model(x0), model(x1))
+
+    transform = SimCLRTransform(input_size=cfg.data.img_size, min_scale=cfg.aug.scale_min,
+                                gaussian_blur=cfg.aug.blur_p, **lightly_aug(cfg))
+    return LightlyRun(model, transform, loss)
+
+
+def lightly_byol(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import BYOLTransform
+    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
+    m = cfg.method
+    online = nn.Sequential(backbone, BYOLProjectionHead(backbone.num_features, m.proj_hidden_dim, m.proj_dim))
+    predictor = BYOLPredictionHead(m.proj_dim, m.pred_hidden_dim, m.proj_dim)
+    target = copy.deepcopy(online)
+    deactivate_requires_grad(target)
+    criterion = NegativeCosineSimilarity()
+
+    def loss(views, step):
+        update_momentum(online, target, m=cosine_schedule(step, total_steps, m.momentum, 1.0))
+        x0, x1 = views
+        p0, p1 = predictor(online(x0)), predictor(online(x1))
+        with torch.no_grad():
+            z0, z1 = target(x0), target(x1)
+        return 0.5 * (fp32(criterion, p0, z1) + fp32(criterion, p1, z0))
+
+    # keel's two views come from one aug section: both lightly views get the same settings.
+    kw = dict(input_size=cfg.data.img_size, min_scale=cfg.aug.scale_min, gaussian_blur=cfg.aug.blur_p,
+              solarization_prob=0.0, **lightly_aug(cfg))
+    transform = BYOLTransform(BYOLView1Transform(**kw), BYOLView2Transform(**kw))
+    return LightlyRun(nn.ModuleList([online, predictor, target]), transform, loss)
+
+
+def lightly_swav(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
+    from lightly.loss import SwaVLoss
+    from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+    from lightly.transforms import SwaVTransform
+    m, a = cfg.method, cfg.aug
+    projector = SwaVProjectionHead(backbone.num_features, m.proj_hidden_dim, m.proj_dim)
+    prototypes = SwaVPrototypes(m.proj_dim, m.num_prototypes,
+                                n_steps_frozen_prototypes=round(m.freeze_prototypes_epochs * steps_per_epoch))
+    criterion = SwaVLoss(temperature=m.temperature, sinkhorn_iterations=m.sinkhorn_iters,
+                         sinkhorn_epsilon=m.sinkhorn_eps)
+
+    def loss(views, step):
+        prototypes.normalize()
+        scores = [prototypes(F.normalize(projector(backbone(v)), dim=1), step) for v in views]
+        return fp32(criterion, scores[:2], scores[2:])
+
+    n_local, local_size = local_views(cfg)
+    transform = SwaVTransform(crop_sizes=(cfg.data.img_size, local_size), crop_counts=(2, n_local),
+                              crop_min_scales=(a.scale_min, a.local_scale_min),
+                              crop_max_scales=(1.0, a.local_scale_max), gaussian_blur=a.blur_p, **lightly_aug(cfg))
+    return LightlyRun(nn.ModuleList([backbone, projector, prototypes]), transform, loss)
+
+
+def lightly_dino(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule
+    m, a = cfg.method, cfg.aug
+    def head():
+        return DINOProjectionHead(backbone.num_features, m.proj_hidden_dim, m.proj_dim, m.out_dim,
+                                  freeze_last_layer=round(m.freeze_prototypes_epochs))
+
+    student = nn.Sequential(backbone, head())
+    # The teacher starts equal to the student, as in DINO (loaded, not deep-copied: the head's
+    # weight-normed last layer cannot be deep-copied).
+    teacher = nn.Sequential(copy.deepcopy(backbone), head())
+    teacher.load_state_dict(student.state_dict())
+    deactivate_requires_grad(teacher)
+    criterion = DINOLoss(output_dim=m.out_dim, warmup_teacher_temp=m.warmup_teacher_temp,
+                         teacher_temp=m.teacher_temp, warmup_teacher_temp_epochs=int(m.warmup_teacher_temp_epochs),
+                         student_temp=m.temperature, center_momentum=m.center_momentum)
+
+    def loss(views, step):
+        update_momentum(student, teacher, m=cosine_schedule(step, total_steps, m.momentum, 1.0))
+        with torch.no_grad():
+            t_out = [teacher(v) for v in views[:2]]
+        s_out = [student(v) for v in views]
+        return fp32(criterion, t_out, s_out, epoch=step // steps_per_epoch)
+
+    def after_backward(step):
+        student[1].cancel_last_layer_gradients(current_epoch=step // steps_per_epoch)
+
+    n_local, local_size = local_views(cfg)
+    b = a.blur_p
+    transform = DINOTransform(global_crop_size=cfg.data.img_size, global_crop_scale=(a.scale_min, 1.0),
+                              local_crop_size=local_size, local_crop_scale=(a.local_scale_min, a.local_scale_max),
+                              n_local_views=n_local, gaussian_blur=(b, b, b), solarization_prob=0.0,
+                              **lightly_aug(cfg))
+    return LightlyRun(nn.ModuleList([student, teacher, criterion]), transform, loss, after_backward)
+
+
+LIGHTLY = {"simclr": lightly_simclr, "byol": lightly_byol, "swav": lightly_swav, "dino": lightly_dino}
+
+
+class PILViews(torch.utils.data.Dataset):
+    """uint8 (3, H, W) images -> PIL -> lightly's multi-view transform (a list of tensors)."""
+
+    def __init__(self, images: torch.Tensor, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i].permute(1, 2, 0).numpy()))
+
+
+def loader_workers() -> int:
+    return max(1, min(16, (os.cpu_count() or 2) - 1))  # every core but the training loop's
+
+
+def lightly_fit(name: str, cfg: RunConfig, device) -> tuple[nn.Module, dict]:
+    """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel."""
+    tc = cfg.train
+    data = build_dataset("fashion-mnist", "train", cfg.data.img_size, subset=cfg.data.subset, seed=tc.seed)
+    steps_per_epoch = len(data) // tc.batch_size
+    total_steps = tc.epochs * steps_per_epoch
+    max_steps = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        torch.manual_seed(tc.seed)  # the same initial backbone weights as keel's run
+        backbone = create_model(cfg.model.name, **model_kwargs(cfg))
+        run = LIGHTLY[name](backbone, cfg, steps_per_epoch, total_steps)
+        run.module.to(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            if tc.channels_last:
+                run.module.to(memory_format=torch.channels_last)
+        workers = loader_workers()
+        loader = torch.utils.data.DataLoader(
+            PILViews(data.images, run.transform), batch_size=tc.batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, persistent_workers=True, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(tc.seed))
+        lr = tc.lr * tc.batch_size / 256
+        optimizer = build_optimizer(tc.optimizer, run.module, lr, tc.weight_decay, tc.momentum,
+                                    fused=device.type == "cuda")
+        precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        warmup = round(tc.warmup_epochs * steps_per_epoch)
+        run.module.train()
+        step, loss = 0, torch.zeros(())
+        while step < max_steps:
+            for views in loader:
+                views = [v.to(device, non_blocking=True) for v in views]
+                for g in optimizer.param_groups:
+                    g["lr"] = cosine_lr(step, total_steps, lr, warmup, tc.min_lr)
+                with amp:
+                    loss = run.loss(views, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(run.module.parameters(), tc.clip_grad)
+                if run.after_backward:
+                    run.after_backward(step)
+                optimizer.step()
+                step += 1
+                if step >= max_steps:
+                    break
+        final_loss = loss.item()  # also waits for the device
+        train_s = time.perf_counter() - t0
+    del loader
+    return backbone, {"train_s": train_s, "epochs": step / steps_per_epoch, "peak_mb": mem.mb,
+                      "final_loss": final_loss}
+
+
+# ------------------------------------------------------------------------------------ the report
+def method_config(preset: str, method: str, vit: bool, overrides: list[str]) -> RunConfig:
+    p = PRESETS[preset]
+    return load_config(None, ["data.source=fashion-mnist", "train.knn_every=0", *p["common"],
+                              *p["vit" if vit else "cnn"], f"method.name={method}",
+                              *METHOD_SETTINGS.get(method, []), *overrides])
+
+
+def run_one(impl: str, method: str, vit: bool, preset: str, overrides: list[str], run_dir: str) -> None:
+    """Train one backbone and evaluate it; the row goes to run_dir/row.json. Runs in a fresh
+    process, so that every run starts from the same state and its peak memory is its own."""
+    cfg = method_config(preset, method, vit, overrides)
+    label = f"{impl} {method}" + (" (ViT)" if vit and method not in NEEDS_VIT else "")
+    row = {"name": label, "impl": impl, "method": method, "backbone": cfg.model.name}
+    print(f"{label} · {cfg.model.name} · {cfg.data.subset or 60000} images · {cfg.train.epochs} epochs · "
+          f"batch {cfg.train.batch_size} ...", flush=True)
+    try:
+        device = resolve_device(cfg.train.device)
+        # One-time costs outside the clock: decoding the data, and imports the loops would do lazily.
+        build_dataset("fashion-mnist", "train", cfg.data.img_size)
+        importlib.import_module("keel.show")
+        importlib.import_module("torch.utils.tensorboard")
+        if impl == "lightly":
+            for name in ("lightly.loss", "lightly.models.modules", "lightly.transforms"):
+                importlib.import_module(name)
+        if impl == "keel":
+            backbone, stats = keel_run(cfg, Path(run_dir), device)
+        else:
+            backbone, stats = lightly_fit(method, cfg, device)
+        row.update(stats, s_per_epoch=stats["train_s"] / max(stats["epochs"], 1e-9))
+        row.update(evaluate(backbone, cfg.data.img_size, preset, device, cfg.eval.linear_epochs))
+        print(f"  train {row['train_s']:.0f} s ({row['s_per_epoch']:.1f} s/epoch), peak {row['peak_mb']:.0f} MB, "
+              f"kNN@200 {row['knn200']:.2f}, kNN@20 {row['knn20']:.2f}, linear {row['linear']:.2f}", flush=True)
+    except Exception as e:  # a broken method must not stop the others
+        traceback.print_exc()
+        msg = str(e).splitlines()[0][:100] if str(e) else ""
+        row["error"] = f"failed: {type(e).__name__}: {msg}"
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "row.json").write_text(json.dumps(row, indent=2))
+
+
+def run_isolated(impl: str, method: str, vit: bool, preset: str, overrides: list[str], run_dir: Path) -> dict:
+    proc = multiprocessing.get_context("spawn").Process(
+        target=run_one, args=(impl, method, vit, preset, overrides, str(run_dir)))
+    proc.start()
+    proc.join()
+    row_file = run_dir / "row.json"
+    if row_file.is_file():
+        return json.loads(row_file.read_text())
+    return {"name": f"{impl} {method}", "impl": impl, "method": method, "backbone": "?",
+            "error": f"failed: the run's process exited with code {proc.exitcode}"}
+
+
+def available(method: str) -> bool:
+    try:
+        importlib.import_module(f"keel.methods.{method}")
+        return True
+    except ImportError:
+        return False
+
+
+def fmt(v, spec=".2f"):
+    return "—" if v is None or v != v else format(v, spec)
+
+
+def markdown(rows: list[dict], title: str, notes: list[str]) -> str:
+    head = ["run", "backbone", "kNN@200", "kNN@20", "linear", "train s", "s/epoch", "peak MB",
+            "keel÷lightly kNN@200", "keel÷lightly linear", "keel÷lightly s/epoch"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['backbone']} | {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        ratio = r.get("vs_lightly", {})
+        cells = [r["name"], r["backbone"], fmt(r.get("knn200")), fmt(r.get("knn20")), fmt(r.get("linear")),
+                 fmt(r.get("train_s"), ".0f"), fmt(r.get("s_per_epoch"), ".1f"), fmt(r.get("peak_mb"), ".0f"),
+                 fmt(ratio.get("knn200"), ".3f"), fmt(ratio.get("linear"), ".3f"), fmt(ratio.get("s_per_epoch"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="keel methods, comma-separated; name@vit or name@cnn picks the backbone "
+                         "(default: mae and simmim on the ViT, the others on the CNN)")
+    ap.add_argument("--no-lightly", action="store_true", help="skip lightly's runs")
+    ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
+                    "(they come last: model.name=... would replace the ViT of mae/simmim too)")
+    args = ap.parse_args()
+
+    out = Path(args.out or f"runs/bench-ssl-methods/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = {vit: method_config(args.preset, "simclr", vit, args.overrides) for vit in (False, True)}
+    device = resolve_device(cfgs[False].train.device)
+
+    # What to run: (impl, method, on the ViT?)
+    items = [s.strip() for s in args.methods.split(",") if s.strip()]
+    plan, skipped = [], []
+    for item in items:
+        method, _, where = item.partition("@")
+        if available(method):
+            plan.append(("keel", method, where == "vit" if where else method in NEEDS_VIT))
+        else:
+            skipped.append(f"keel {item}")
+            print(f"keel {item}: skipped (not available)", flush=True)
+    if not args.no_lightly:
+        lightly_ok = importlib.util.find_spec("lightly") is not None
+        for method in [m for m in SHARED if m in items]:
+            if lightly_ok:
+                plan.append(("lightly", method, False))
+            else:
+                skipped.append(f"lightly {method}")
+                print(f"lightly {method}: skipped (lightly is not installed)", flush=True)
+
+    t_start = time.perf_counter()
+    rows = [run_isolated(impl, method, vit, args.preset, args.overrides,
+                         out / f"{impl}-{method}-{'vit' if vit else 'cnn'}") for impl, method, vit in plan]
+
+    # keel ÷ lightly, for the methods both ran on the same backbone
+    for method in SHARED:
+        k = next((r for r in rows if r["name"] == f"keel {method}" and "error" not in r), None)
+        li = next((r for r in rows if r["name"] == f"lightly {method}" and "error" not in r), None)
+        if k and li:
+            k["vs_lightly"] = {m: k[m] / li[m] for m in ("knn200", "linear", "s_per_epoch")}
+
+    print("baselines: random init and raw pixels ...", flush=True)
+    for vit in (False, True):
+        if any(not r.get("error") and r["backbone"] == cfgs[vit].model.name for r in rows):
+            cfg = cfgs[vit]
+            torch.manual_seed(cfg.train.seed)  # the weights every run of this backbone started from
+            bb = create_model(cfg.model.name, **model_kwargs(cfg))
+            rows.append({"name": f"random init ({'ViT' if vit else 'CNN'})", "impl": "baseline",
+                         "backbone": cfg.model.name,
+                         **evaluate(bb, cfg.data.img_size, args.preset, device, cfg.eval.linear_epochs)})
+    rows.append({"name": "raw pixels", "impl": "baseline", "backbone": "28×28 pixels",
+                 **pixel_baseline(args.preset, cfgs[False].eval.linear_epochs, device)})
+    total_s = time.perf_counter() - t_start
+
+    device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    p = PRESETS[args.preset]
+    workers = loader_workers()
+    notes = [
+        f"device: {device_name}; whole benchmark {total_s / 60:.1f} min; peak MB: {PeakMemory(device).how}, "
+        "each run in its own process" + ("; lightly's DataLoader workers not counted" if device.type == "cpu" else ""),
+        f"evaluation: kNN bank and linear-probe training set = {p['eval_train'] or 60000} train images, "
+        f"tested on {p['eval_test'] or 10000} test images",
+        "keel÷lightly: the keel row over the lightly row of the same method (accuracy above 1: keel better; "
+        "s/epoch below 1: keel faster)",
+        "train s: wall time of pretraining (keel: pretrain(), incl. the backbone export; lightly: heads, "
+        "DataLoader workers and the loop); s/epoch = train s / epochs",
+        f"lightly: PIL + torchvision transforms in {workers} DataLoader worker{'s' if workers > 1 else ''}; "
+        "keel: batched augmentation on the training device",
+        f"settings: {' '.join(p['common'])}; CNN: {' '.join(p['cnn'])}; ViT: {' '.join(p['vit'])}"
+        + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""),
+    ]
+    if skipped:
+        notes.append("skipped (not available): " + ", ".join(skipped))
+    title = f"Fashion-MNIST, {args.preset} preset"
+    md = markdown(rows, title, notes)
+    print("\n" + md)
+    (out / "ssl_methods.md").write_text(md)
+    report = {"preset": args.preset, "overrides": args.overrides, "preset_settings": p,
+              "method_settings": METHOD_SETTINGS, "device": device_name, "total_seconds": round(total_s, 1),
+              "notes": notes, "rows": rows}
+    (out / "ssl_methods.json").write_text(json.dumps(report, indent=2))
+    # One group of bars per run (plot_comparison groups by the inner keys), one bar per metric.
+    done = [r for r in rows if "knn200" in r]
+    from keel.show import plot_comparison
+    plot_comparison({metric: {r["name"]: r[key] for r in done} for metric, key in
+                     (("kNN@200", "knn200"), ("kNN@20", "knn20"), ("linear", "linear"))},
+                    out / "ssl_methods.png", title=title)
+    print(f"written: {out / 'ssl_methods.md'}, {out / 'ssl_methods.json'}, {out / 'ssl_methods.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Transfer figures of the supervised side, each a comparison measured in one run.
+
+1. labels:  an SSL-pretrained backbone fine-tuned vs the same backbone from scratch, on Fashion-MNIST
+            with 1% and 10% of the training labels (class-balanced, seeded), full test set.
+2. distill: a small DeiT student (distillation token) with hard distillation from a CNN teacher vs
+            the same student without distillation, same budget, on digits.
+3. hyperrule: `recipe=bit` (BiT-HyperRule, no hand-set hyper-parameters) vs a small manual sweep of
+            learning rates at the same resolution, on digits.
+
+    python benchmarks/transfer.py --ssl runs/<a fashion-mnist pretraining run>      # 2 CPU cores
+    python benchmarks/transfer.py --ssl RUN --only labels --fractions 0.01 0.1 --epochs 20 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from keel.data.sources import build_dataset
+from keel.evaluate.fewshot import sample_shots
+from keel.evaluate.finetune import FinetuneConfig, bit_recipe, finetune, load_for_finetune
+from keel.models.registry import create_model
+
+
+def top1(res: dict) -> float:
+    return res["final"]["top1"]
+
+
+def labels_experiment(ssl: str, fractions: list[float], epochs: list[int], size: int, out: Path) -> list[dict]:
+    train = build_dataset("fashion-mnist", "train", size, labeled=True)
+    test = build_dataset("fashion-mnist", "test", size, labeled=True)
+    rows = []
+    for frac, ep in zip(fractions, epochs):
+        per_class = max(1, round(frac * len(train) / 10))
+        (idx,) = sample_shots(train.labels, per_class, draws=1, seed=0)
+        sub = train.subset(idx)
+        cfg = FinetuneConfig(img_size=size, epochs=ep, warmup_epochs=min(5.0, ep / 5), lr=2e-3, eval_every=0,
+                             batch_size=128, device="auto", num_workers=0)
+        for name, spec in (("ssl", ssl), ("scratch", "random:" + _model_of(ssl))):
+            torch.manual_seed(0)
+            t = time.time()
+            res = finetune(load_for_finetune(spec, size), sub, test, cfg, run_dir=out / f"labels-{frac}-{name}",
+                           progress=False)
+            rows.append({"experiment": "labels", "fraction": frac, "images": len(sub), "epochs": ep, "init": name,
+                         "top1": top1(res), "seconds": round(time.time() - t, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _model_of(run: str) -> str:
+    from keel.engine.checkpoint import read_card
+    return read_card(run)[1]["model"]
+
+
+def distill_experiment(epochs: int, kinds: list[str], out: Path) -> list[dict]:
+    size = 16
+    train = build_dataset("digits", "train", size, labeled=True)
+    test = build_dataset("digits", "test", size, labeled=True)
+    base = FinetuneConfig(img_size=size, epochs=epochs, eval_every=0, batch_size=128, device="auto", num_workers=0,
+                          label_smoothing=0.1, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    t = time.time()
+    teacher_res = finetune(create_model("resnet10_cifar"), train, test, replace(base, lr=4e-3),
+                           run_dir=out / "distill-teacher", progress=False)
+    rows = [{"experiment": "distill", "model": "teacher resnet10_cifar", "top1": top1(teacher_res),
+             "seconds": round(time.time() - t, 1)}]
+    print(rows[-1], flush=True)
+    teacher = teacher_res["classifier"].eval()
+    student = dict(img_size=size, depth=4, dim=96, num_heads=3, patch_size=4)
+    for kind in kinds:
+        torch.manual_seed(0)
+        t = time.time()
+        res = finetune(create_model("deit_tiny_distilled_patch16", **student), train, test,
+                       replace(base, lr=1e-3, distill=kind), run_dir=out / f"distill-{kind}", progress=False,
+                       teacher=None if kind == "none" else teacher)
+        rows.append({"experiment": "distill", "model": f"deit student, distill={kind}", "top1": top1(res),
+                     "seconds": round(time.time() - t, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def hyperrule_experiment(side: int, scale: float, lrs: list[float], out: Path) -> list[dict]:
+    rule = bit_recipe(FinetuneConfig(source="digits", recipe="bit", recipe_max_side=side, device="auto",
+                                         eval_every=0, num_workers=0), progress=True)
+    rule = replace(rule, epochs=max(1, round(rule.epochs * scale)))
+    train = build_dataset("digits", "train", rule.img_size, labeled=True)
+    test = build_dataset("digits", "test", rule.img_size, labeled=True)
+    rows = []
+    for name, cfg in [("hyperrule", rule)] + [(f"manual lr={lr}", replace(rule, lr=lr)) for lr in lrs]:
+        torch.manual_seed(0)
+        t = time.time()
+        res = finetune(create_model("resnet10_cifar"), train, test, cfg, run_dir=out / f"hyperrule-{name}",
+                       progress=False)
+        rows.append({"experiment": "hyperrule", "run": name, "lr": cfg.lr, "epochs": cfg.epochs,
+                     "top1": top1(res), "seconds": round(time.time() - t, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ssl", help="an SSL pretraining run on fashion-mnist (for the labels experiment)")
+    ap.add_argument("--only", choices=["labels", "distill", "hyperrule"], nargs="+",
+                    default=["labels", "distill", "hyperrule"])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[20, 5], help="labels experiment epochs, one per fraction")
+    ap.add_argument("--size", type=int, default=24, help="labels experiment image side")
+    ap.add_argument("--distill-epochs", type=int, default=15)
+    ap.add_argument("--distill-kinds", nargs="+", default=["none", "hard"], choices=["none", "hard", "soft"])
+    ap.add_argument("--hyperrule-side", type=int, default=16, help="cap of the HyperRule resolution")
+    ap.add_argument("--hyperrule-scale", type=float, default=0.1, help="fraction of the HyperRule's epochs run")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.0003, 0.015])
+    ap.add_argument("--out", default=f"runs/bench-transfer/{time.strftime('%Y%m%d-%H%M%S')}")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "labels" in args.only:
+        if not args.ssl:
+            ap.error("the labels experiment needs --ssl RUN")
+        if len(args.epochs) != len(args.fractions):
+            ap.error("give one --epochs value per --fractions value")
+        rows += labels_experiment(args.ssl, args.fractions, args.epochs, args.size, out)
+    if "distill" in args.only:
+        rows += distill_experiment(args.distill_epochs, args.distill_kinds, out)
+    if "hyperrule" in args.only:
+        rows += hyperrule_experiment(args.hyperrule_side, args.hyperrule_scale, args.lrs, out)
+    (out / "transfer.json").write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out / 'transfer.json'}")
+
+
+if __name__ == "__main__":
+    main()
