@@ -122,27 +122,13 @@ def test_training_step_at_init_and_which_parameters_train():
     assert m.backbone.patch_embed.proj.weight.grad.abs().sum() > 0  # BYOL freezes nothing
 
 
-def test_ema_update_is_exact_and_follows_the_cosine():
+def test_ema_update_is_exact_and_follows_the_cosine(check_ema):
     torch.manual_seed(0)
     m = BYOL(_resnet(), _cfg())
-    m.train()
-    m((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)))  # moves the online BN statistics
-    with torch.no_grad():
-        for p in list(m.backbone.parameters()) + list(m.projector.parameters()):
-            p.add_(torch.randn_like(p))
-    old = {k: v.clone() for k, v in m.state_dict().items()}
     step, total = 3, 10
-    m.on_step_end(step, total)
     tau = 1 - (1 - 0.996) * (math.cos(math.pi * step / total) + 1) / 2  # BYOL's tau_k
     assert m.momentum_at(step, total) == pytest.approx(tau, abs=1e-12)
-    new = m.state_dict()
-    for prefix, online in (("target_backbone.", "backbone."), ("target_projector.", "projector.")):
-        for name, _ in getattr(m, prefix[:-1]).named_parameters():
-            expected = tau * old[prefix + name] + (1 - tau) * old[online + name]
-            torch.testing.assert_close(new[prefix + name], expected, atol=1e-6, rtol=1e-6, msg=name)
-            assert not torch.equal(new[prefix + name], old[prefix + name]), name
-        for name, _ in getattr(m, prefix[:-1]).named_buffers():
-            assert torch.equal(new[prefix + name], old[online + name]), name
+    old, new = check_ema(m, [("target_backbone.", "backbone."), ("target_projector.", "projector.")], tau, step, total)
     for name in old:  # the online network and the predictor are untouched
         if not name.startswith("target_"):
             assert torch.equal(new[name], old[name]), name

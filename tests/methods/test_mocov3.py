@@ -158,28 +158,15 @@ def test_training_step_at_init_uses_online_projections_as_keys():
     assert m.predictor[0].weight.grad.abs().sum() > 0 and m.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
-def test_momentum_update_is_exact_and_follows_the_cosine():
+def test_momentum_update_is_exact_and_follows_the_cosine(check_ema):
     torch.manual_seed(0)
     m = _build(_resnet())  # a backbone with BatchNorm buffers
-    m.train()
-    m((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)))  # moves the online BN statistics
-    with torch.no_grad():
-        for p in list(m.backbone.parameters()) + list(m.projector.parameters()):
-            p.add_(torch.randn_like(p))
-    old = {k: v.clone() for k, v in m.state_dict().items()}
     step, total = 2, 10
-    m.on_step_end(step, total)
     # the momentum of step + 1 (the official code updates at the start of the next step)
     mom = 1 - (1 - 0.99) * (math.cos(math.pi * (step + 1) / total) + 1) / 2
     assert m.momentum_at(step + 1, total) == pytest.approx(mom, abs=1e-12)
-    new = m.state_dict()
-    for prefix, online in (("momentum_backbone.", "backbone."), ("momentum_projector.", "projector.")):
-        for name, _ in getattr(m, prefix[:-1]).named_parameters():
-            expected = mom * old[prefix + name] + (1 - mom) * old[online + name]
-            torch.testing.assert_close(new[prefix + name], expected, atol=1e-6, rtol=1e-6, msg=name)
-            assert not torch.equal(new[prefix + name], old[prefix + name]), name
-        for name, _ in getattr(m, prefix[:-1]).named_buffers():  # BN statistics are copied
-            assert torch.equal(new[prefix + name], old[online + name]), name
+    old, new = check_ema(m, [("momentum_backbone.", "backbone."), ("momentum_projector.", "projector.")],
+                         mom, step, total)
     # lightly's update on the same tensors agrees
     utils = pytest.importorskip("lightly.models.utils")
     ref = _build(_resnet())
