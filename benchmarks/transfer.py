@@ -83,7 +83,7 @@ def distill_experiment(epochs: int, kinds: list[str], out: Path) -> list[dict]:
     return rows
 
 
-def hyperrule_experiment(side: int, scale: float, lrs: list[float], out: Path) -> list[dict]:
+def hyperrule_experiment(side: int, scale: float, lrs: list[float], backbone: str, out: Path) -> list[dict]:
     rule = bit_recipe(FinetuneConfig(source="digits", recipe="bit", recipe_max_side=side, device="auto",
                                          eval_every=0, num_workers=0), progress=True)
     rule = replace(rule, epochs=max(1, round(rule.epochs * scale)))
@@ -93,9 +93,9 @@ def hyperrule_experiment(side: int, scale: float, lrs: list[float], out: Path) -
     for name, cfg in [("hyperrule", rule)] + [(f"manual lr={lr}", replace(rule, lr=lr)) for lr in lrs]:
         torch.manual_seed(0)
         t = time.time()
-        res = finetune(create_model("resnet10_cifar"), train, test, cfg, run_dir=out / f"hyperrule-{name}",
+        res = finetune(load_for_finetune(backbone, rule.img_size), train, test, cfg, run_dir=out / f"hyperrule-{name}",
                        progress=False)
-        rows.append({"experiment": "hyperrule", "run": name, "lr": cfg.lr, "epochs": cfg.epochs,
+        rows.append({"experiment": "hyperrule", "run": name, "backbone": backbone, "lr": cfg.lr, "epochs": cfg.epochs,
                      "top1": top1(res), "seconds": round(time.time() - t, 1)})
         print(rows[-1], flush=True)
     return rows
@@ -113,6 +113,8 @@ def main():
     ap.add_argument("--distill-kinds", nargs="+", default=["none", "hard"], choices=["none", "hard", "soft"])
     ap.add_argument("--hyperrule-side", type=int, default=16, help="cap of the HyperRule resolution")
     ap.add_argument("--hyperrule-scale", type=float, default=0.1, help="fraction of the HyperRule's epochs run")
+    ap.add_argument("--hyperrule-backbone", default="random:resnet10_cifar",
+                    help="what the HyperRule and the sweep fine-tune (a run, or random:MODEL)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.0003, 0.015])
     ap.add_argument("--out", default=f"runs/bench-transfer/{time.strftime('%Y%m%d-%H%M%S')}")
     args = ap.parse_args()
@@ -128,7 +130,7 @@ def main():
     if "distill" in args.only:
         rows += distill_experiment(args.distill_epochs, args.distill_kinds, out)
     if "hyperrule" in args.only:
-        rows += hyperrule_experiment(args.hyperrule_side, args.hyperrule_scale, args.lrs, out)
+        rows += hyperrule_experiment(args.hyperrule_side, args.hyperrule_scale, args.lrs, args.hyperrule_backbone, out)
     (out / "transfer.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {out / 'transfer.json'}")
 

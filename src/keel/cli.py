@@ -20,7 +20,9 @@ a 5-minute tour:
   keel pretrain data.source=path/to/images     # self-supervised pretraining on your folder
   keel eval knn --checkpoint runs/<run> --data fashion-mnist
   keel show neighbors --checkpoint runs/<run> --data digits   # pictures: neighbors, attention, mae
+  keel pretrain method.name=swav model.name=keel_tiny         # also mae simmim dino mocov3 byol simsiam rotation
   keel finetune backbone=runs/<run> source=digits             # fine-tune on labeled data
+  keel eval suite --checkpoint runs/<run> random:resnet18_cifar --data digits fashion-mnist --out runs/report
   keel models                                  # the backbones you can pretrain
 
 every sub-command has its own --help with examples.
