@@ -103,6 +103,12 @@ def launch(script: str, task, world: int = 2, timeout: float = 180) -> list[dict
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` -> a TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
 def launch_workers():
     """``launch_workers(__file__, task_dir)`` -> [rank 0 results, rank 1 results]; see ``launch``."""
     return launch

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,12 +27,6 @@ from keel.methods.base import build_method
 
 WORLD = 2
 BATCH = 8  # images per view in the combined batch; each rank holds BATCH // WORLD
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_method():
@@ -226,10 +219,10 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 
 
 # ---------------------------------------------------------------- the whole trainer under torchrun
-def test_torchrun_pretrain_two_processes(tmp_path):
+def test_torchrun_pretrain_two_processes(tmp_path, free_port):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "-m", "keel", "pretrain", "--out", str(run_dir),
            "data.source=digits", "data.subset=256", "data.img_size=8", "model.name=resnet10_cifar",
            "method.proj_hidden_dim=64", "method.proj_dim=32",
