@@ -88,6 +88,8 @@ class TrainConfig:
     optimizer: str = "adamw"        # adamw | lars | sgd
     lr: float = 1e-3                # base lr for a batch of 256, scaled linearly with batch size
     weight_decay: float = 1e-4      # never applied to norms and biases
+    weight_decay_end: float | None = None  # cosine schedule of weight decay from weight_decay to this
+                                           # over the run (DINO: 0.04 -> 0.4); None = constant
     momentum: float = 0.9
     warmup_epochs: float = 1.0
     min_lr: float = 0.0

@@ -287,3 +287,21 @@ def test_step_lr_hand_values():
     # custom milestones (rounded to steps) and factor
     assert step_lr(49, 99, 1.0, 0, milestones=[0.5], gamma=0.5) == pytest.approx(1.0)
     assert step_lr(50, 99, 1.0, 0, milestones=[0.5], gamma=0.5) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- weight-decay schedule
+from keel.engine.optim import cosine_wd  # noqa: E402
+
+
+def test_cosine_wd_hand_values():
+    start, end, total = 0.04, 0.4, 101        # steps 0..100, midway at step 50
+    assert cosine_wd(0, total, start, end) == pytest.approx(start)
+    assert cosine_wd(100, total, start, end) == pytest.approx(end)
+    assert cosine_wd(50, total, start, end) == pytest.approx((start + end) / 2)
+    # a quarter of the way: end + (start - end) * (1 + cos(pi / 4)) / 2, by hand
+    assert cosine_wd(25, total, start, end) == pytest.approx(0.4 - 0.36 * (1 + math.sqrt(0.5)) / 2)
+    assert cosine_wd(25, total, start, end) == pytest.approx(0.092721, abs=1e-6)
+    ws = [cosine_wd(s, total, start, end) for s in range(total)]
+    assert all(b >= a for a, b in zip(ws, ws[1:]))          # rises monotonically
+    # a one-step run stays at the start value instead of dividing by zero
+    assert cosine_wd(0, 1, start, end) == pytest.approx(start)

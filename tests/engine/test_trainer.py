@@ -281,3 +281,69 @@ def test_a_batch_of_only_bad_files_is_a_clear_error(make_cfg, tmp_path):
     cfg = make_cfg(f"data.source={folder}", "data.subset=0", "train.batch_size=4", "train.epochs=1")
     with pytest.raises(TrainingError, match="could be decoded"):
         pretrain(cfg, tmp_path / "run", quiet=True)
+
+
+# ---------------------------------------------------------------- weight-decay schedule
+from keel.engine.optim import cosine_wd  # noqa: E402
+
+
+@pytest.fixture
+def wd_seen(monkeypatch):
+    """Every group's weight decay at each optimizer step of the runs in a test."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["weight_decay"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
+WD = ("train.weight_decay=0.04", "train.weight_decay_end=0.4")
+
+
+def test_weight_decay_schedule_on_decay_group_only(make_cfg, tmp_path, wd_seen):
+    # 2 epochs = 8 steps in the schedule, stopped after 3: the wd follows the whole run's cosine
+    pretrain(make_cfg(*WD, "train.max_steps=3"), tmp_path / "run", quiet=True)
+    want = [cosine_wd(s, 2 * STEPS_PER_EPOCH, 0.04, 0.4) for s in range(3)]
+    assert want[0] == pytest.approx(0.04) and 0.04 < want[1] < want[2] < 0.4
+    assert [w[0] for w in wd_seen] == pytest.approx(want)          # decay group (weights)
+    assert [w[1] for w in wd_seen] == [0.0, 0.0, 0.0]             # norms and biases: never
+    assert [m["wd"] for m in metrics(tmp_path / "run")] == pytest.approx(want)
+    groups = load_checkpoint(tmp_path / "run")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == pytest.approx([want[-1], 0.0])
+
+
+def test_weight_decay_schedule_reaches_its_end_and_resumes_exactly(make_cfg, tmp_path, wd_seen):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pretrain(make_cfg(*WD, "train.epochs=1"), a, quiet=True)
+    unbroken = [w[0] for w in wd_seen]
+    assert unbroken[0] == pytest.approx(0.04) and unbroken[-1] == pytest.approx(0.4)
+    assert unbroken[1] == pytest.approx(0.4 - 0.36 * (1 + math.cos(math.pi / 3)) / 2)   # step 1 of 0..3
+    wd_seen.clear()
+    pretrain(make_cfg(*WD, "train.epochs=1", "train.max_steps=2"), b, quiet=True)
+    pretrain(make_cfg(*WD, "train.epochs=1"), b, resume=True, quiet=True)
+    assert [w[0] for w in wd_seen] == unbroken
+    assert [m["wd"] for m in metrics(b)] == [m["wd"] for m in metrics(a)] == pytest.approx(unbroken)
+    assert [m["loss"] for m in metrics(b)] == pytest.approx([m["loss"] for m in metrics(a)], abs=1e-6)
+    assert_same_weights(a, b)
+
+
+def test_weight_decay_constant_without_an_end(make_cfg, tmp_path, wd_seen):
+    pretrain(make_cfg("train.weight_decay=0.04", "train.max_steps=3"), tmp_path / "run", quiet=True)
+    assert wd_seen == [[0.04, 0.0]] * 3
+    assert all("wd" not in m for m in metrics(tmp_path / "run"))
+
+
+def test_weight_decay_schedule_restarts_with_each_stage(make_cfg, tmp_path, wd_seen):
+    # each stage is a run of its own, with its own schedule (as for the lr)
+    pretrain(make_cfg(*WD, "stages=[{train: {epochs: 1}}, {train: {epochs: 1}}]"), tmp_path / "run", quiet=True)
+    one = [cosine_wd(s, STEPS_PER_EPOCH, 0.04, 0.4) for s in range(STEPS_PER_EPOCH)]
+    assert [w[0] for w in wd_seen] == pytest.approx(one + one)
+    assert all(w[1] == 0.0 for w in wd_seen)
+
+
+def test_weight_decay_schedule_needs_a_start(make_cfg, tmp_path):
+    with pytest.raises(TrainingError, match="weight_decay=0.0, which must be > 0"):
+        pretrain(make_cfg("train.weight_decay=0", "train.weight_decay_end=0.4"), tmp_path / "run", quiet=True)

@@ -1,5 +1,6 @@
 """Optimizers and schedules: parameter groups without weight decay on norms and biases, LARS,
-a per-step warm-up + cosine (or step) learning rate, and layer ids for layer-wise lr decay."""
+a per-step warm-up + cosine (or step) learning rate, a cosine weight-decay schedule, and layer
+ids for layer-wise lr decay."""
 from __future__ import annotations
 
 import math
@@ -95,6 +96,14 @@ def step_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0,
         return base_lr * (step + 1) / warmup_steps
     passed = sum(step >= round(m * total_steps) for m in milestones)
     return base_lr * gamma ** passed
+
+
+def cosine_wd(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's weight-decay schedule: half a cosine from ``start`` at step 0 to ``end`` at the
+    last step of the run (``total_steps - 1``), no warm-up. DINO rises from 0.04 to 0.4: little
+    decay while the features form, more once the teacher is good. (DINO reaches ``end`` one step
+    after its last; the difference is a step's worth of a cosine near its flat end.)"""
+    return cosine_lr(step, total_steps - 1, start, 0, end)
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -22,7 +22,7 @@ from keel.config import RunConfig, save_config, to_dict
 from keel.data.sources import collate_skip
 from keel.engine import distributed as D
 from keel.engine.checkpoint import export_backbone, load_checkpoint, save_checkpoint
-from keel.engine.optim import build_optimizer, cosine_lr
+from keel.engine.optim import build_optimizer, cosine_lr, cosine_wd
 
 
 class TrainingError(RuntimeError):
@@ -114,6 +114,12 @@ class Trainer:
                 method.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(tc.optimizer, method, lr, tc.weight_decay, tc.momentum,
                                     fused=self.device.type == "cuda")
+        # Groups that decay, decided on the fresh optimizer (norms and biases: 0) before any
+        # state is loaded; a scheduled weight decay only ever touches these.
+        decays = [g["weight_decay"] > 0 for g in optimizer.param_groups]
+        if tc.weight_decay_end is not None and not any(decays):
+            raise TrainingError(f"train.weight_decay_end={tc.weight_decay_end} schedules the weight decay from "
+                                f"train.weight_decay={tc.weight_decay}, which must be > 0")
         step = 0
         if init_from is not None and not self.resume:
             from keel.engine.stages import carry_over
@@ -168,6 +174,12 @@ class Trainer:
                     cur_lr = cosine_lr(step, total_steps, lr, warmup_steps, tc.min_lr)
                     for g in optimizer.param_groups:
                         g["lr"] = cur_lr
+                    if tc.weight_decay_end is not None:
+                        # a function of the step alone, like the lr: a resumed run gets the same values
+                        cur_wd = cosine_wd(step, total_steps, tc.weight_decay, tc.weight_decay_end)
+                        for g, d in zip(optimizer.param_groups, decays):
+                            if d:
+                                g["weight_decay"] = cur_wd
                     method.on_step_start(step, steps_per_epoch, total_steps)
                     with torch.no_grad():
                         views = method.make_views(images, gen)
@@ -196,7 +208,8 @@ class Trainer:
                         mean_loss = D.all_reduce_mean(loss_sum / loss_count).item()
                         ips = img_log / max(1e-9, time.perf_counter() - t_log)
                         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
-                               "lr": cur_lr, "img_per_s": round(ips, 1),
+                               "lr": cur_lr, **({"wd": cur_wd} if tc.weight_decay_end is not None else {}),
+                               "img_per_s": round(ips, 1),
                                **{k: float(v) for k, v in out.items() if k != "loss"}}
                         self.history["loss"].append([step, mean_loss])
                         if is_main:
