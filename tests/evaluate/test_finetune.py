@@ -334,3 +334,97 @@ def test_repeated_augmentation_keeps_the_epoch_length(digits8, monkeypatch):
     epoch = seen[0]
     assert sum(len(b) for b in epoch) == 128 and len(torch.cat(epoch).unique()) == 32
     assert all(torch.all(b.unique(return_counts=True)[1] == 4) for b in epoch)
+
+
+# ---------------------------------------------------------------------------------- BiT upstream, CSV tasks
+def test_bit_upstream_recipe_is_bits_from_scratch_training(capsys):
+    cfg = ft.apply_recipe(FinetuneConfig(recipe="bit-upstream", batch_size=512))
+    assert (cfg.optimizer, cfg.momentum, cfg.weight_decay, cfg.schedule) == ("sgd", 0.9, 1e-4, "step")
+    assert cfg.lr * cfg.batch_size / 256 == pytest.approx(0.03 * 512 / 256)   # BiT: 0.03 x batch / 256
+    assert [m * 90 for m in cfg.milestones] == pytest.approx([30, 60, 80])    # of BiT's 90 epochs
+    assert cfg.label_smoothing == 0.0 and cfg.drop_path_rate == 0.0 and cfg.mixup == 0.0
+    assert "recipe bit-upstream: set optimizer='sgd'" in capsys.readouterr().out
+    # a user's lr is kept
+    assert ft.apply_recipe(FinetuneConfig(recipe="bit-upstream", lr=0.1), verbose=False).lr == 0.1
+
+
+def _tiny_train(digits8, n=64):
+    train, _ = digits8
+    return train.subset(torch.arange(n)) if hasattr(train, "subset") else train
+
+
+def test_a_finetune_run_is_a_backbone_for_the_next_finetune(digits8, tmp_path):
+    # BiT's chain: upstream training (a finetune run) -> its backbone fine-tuned downstream
+    train, test = digits8
+    cfg = _cfg(backbone="random:resnet10_cifar", recipe="bit-upstream", epochs=1)
+    finetune(load_for_finetune(cfg.backbone, 8), train, test, cfg, run_dir=tmp_path / "up", progress=False)
+    saved = load_file(str(tmp_path / "up" / "classifier.safetensors"))
+    for spec in (tmp_path / "up", tmp_path / "up" / "classifier.safetensors"):
+        model = load_for_finetune(str(spec), 8)
+        own = model.state_dict()
+        assert set(own) == {k[len("backbone."):] for k in saved if k.startswith("backbone.")}
+        assert all(torch.equal(own[k[len("backbone."):]], v) for k, v in saved.items() if k.startswith("backbone."))
+        assert isinstance(getattr(model, "head", nn.Identity()), nn.Identity)
+
+    # a ViT fine-tuned at 8 px, taken on at 16 px: the position table is resampled, the rest kept
+    vcfg = _cfg(backbone="random:vit_tiny_patch4_32", epochs=1)
+    small = train.subset(torch.arange(64))
+    finetune(load_for_finetune(vcfg.backbone, 8), small, small, vcfg, run_dir=tmp_path / "vit", progress=False)
+    vsaved = load_file(str(tmp_path / "vit" / "classifier.safetensors"))
+    big = load_for_finetune(str(tmp_path / "vit"), 16)
+    assert big.pos_embed.shape == (1, 1 + 16, 192)
+    torch.testing.assert_close(big.pos_embed[:, 0], vsaved["backbone.pos_embed"][:, 0])
+    assert torch.equal(big.blocks[-1].mlp.fc2.weight, vsaved[f"backbone.blocks.{len(big.blocks) - 1}.mlp.fc2.weight"])
+
+
+def _digit_pngs(folder, n):
+    from PIL import Image
+    ds = build_dataset("digits", "train", 8, labeled=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"{i:03d}.png"
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(folder / name)
+        names.append((name, int(ds.labels[i])))
+    return names
+
+
+def test_a_multilabel_csv_source_fine_tunes_with_its_task(tmp_path):
+    rows = _digit_pngs(tmp_path / "img", 60)
+    lines = ["image,labels"] + [f"img/{n},d{d};{'big' if d >= 5 else 'small'}" for n, d in rows]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(backbone="random:resnet10_cifar", source=str(tmp_path / "labels.csv"), epochs=1,
+               multilabel_loss="asl", threshold=0.3)
+    train, test, task = ft.labeled_data(cfg)
+    assert (len(train), len(test)) == (48, 12)                 # every 5th row held out
+    assert task.loss_name == "asl" and task.threshold == 0.3 and task.num_classes == 12
+    assert "big" in task.class_names and "d7" in task.class_names
+    res = ft.run_finetune(cfg, run_dir=tmp_path / "run", progress=False)
+    assert res["main_metric"] == "mAP" and (res["train_images"], res["test_images"]) == (48, 12)
+    assert "ap/big" in res["final"] and "micro_f1" in res["final"]
+
+
+def test_a_two_level_csv_with_its_own_test_file_shares_the_class_index(tmp_path):
+    rows = _digit_pngs(tmp_path / "img", 30)
+    kind = lambda d: "big" if d >= 5 else "small"   # noqa: E731
+    train_lines = ["image,primary,secondary"] + [f"img/{n},{kind(d)},d{d}" for n, d in rows]
+    # the test file (here rows the training file also has) names its columns and classes in another order
+    test_lines = ["secondary,image,primary"] + [f"d{d},img/{n},{kind(d)}" for n, d in reversed(rows[20:])]
+    (tmp_path / "train.csv").write_text("\n".join(train_lines) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(test_lines) + "\n")
+    cfg = _cfg(backbone="random:resnet10_cifar", source=str(tmp_path / "train.csv"),
+               test_source=str(tmp_path / "test.csv"), epochs=1, mode="linear")
+    train, test, task = ft.labeled_data(cfg)
+    assert test.primary_classes == train.primary_classes and test.secondary_classes == train.secondary_classes
+    d = int(rows[-1][1])
+    assert test.labels[0].tolist() == [train.primary_classes.index(kind(d)), train.secondary_classes.index(f"d{d}")]
+    assert task.main_metric == "both_top1" and task.mask is not None
+    res = ft.run_finetune(cfg, progress=False, run_dir=tmp_path / "run")
+    assert res["test_images"] == 10 and res["final"]["both_top1"] == res["final"]["secondary_top1"]
+
+    (tmp_path / "ml.csv").write_text("image,labels\nimg/000.png,a\n")
+    from keel.data.sources import DataError
+    with pytest.raises(DataError, match="different kinds of label file"):
+        ft.labeled_data(ft.replace(cfg, test_source=str(tmp_path / "ml.csv")))
+    with pytest.raises(ft.ConfigError, match="test_source is for a CSV"):
+        ft.labeled_data(ft.replace(cfg, source="digits"))

@@ -25,13 +25,29 @@ def n_params(m: nn.Module) -> int:
 
 
 def test_registry_matches_timms_bit_models():
-    assert keel.list_models("resnetv2") == sorted(BIT + ["resnetv2_26x1_cifar"])
+    assert keel.list_models("resnetv2") == sorted(BIT + ["resnetv2_14_tiny_cifar", "resnetv2_26x1_cifar"])
     assert sorted(timm.list_models("resnetv2_*_bit")) == BIT   # the same six sizes as timm
     m = keel.create_model("resnetv2_26x1_cifar", **TINY)
     assert isinstance(m, ResNetV2) and isinstance(m.head, nn.Identity)
     assert m.cfg == ResNetV2Config(stem="cifar", img_size=32, **TINY)
     with pytest.raises(ValueError, match="unknown stem"):
         keel.create_model("resnetv2_26x1_cifar", stem="deep", **TINY)
+
+
+def test_tiny_cpu_size_is_one_quarter_width_bottleneck_per_stage():
+    m = keel.create_model("resnetv2_14_tiny_cifar")
+    assert m.cfg == ResNetV2Config(depths=(1, 1, 1, 1), stem="cifar", stem_width=16, widths=(64, 128, 256, 512),
+                                   gn_groups=8, img_size=32)
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    assert len(convs) == 1 + 4 * 3 + 4 and all(isinstance(c, StdConv2d) for c in convs)   # 14 layers + 4 shortcuts
+    # stem 3x3 (3->16) + per stage: GN(cin) + 1x1 cin->mid + GN + 3x3 mid->mid + GN + 1x1 mid->cout + 1x1 shortcut
+    # (convs without bias), + the final GN(512)
+    expect, cin = 3 * 16 * 9, 16
+    for cout in (64, 128, 256, 512):
+        mid = cout // 4
+        expect += 2 * cin + cin * mid + 2 * mid + mid * mid * 9 + 2 * mid + mid * cout + cin * cout
+        cin = cout
+    assert n_params(m) == expect + 2 * 512
 
 
 @pytest.mark.parametrize("name", BIT)

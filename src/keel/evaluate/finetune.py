@@ -69,7 +69,7 @@ from keel.models.layers.drop import DropPath
 from keel.models.registry import family_of
 
 __all__ = ["FinetuneConfig", "Task", "ClassificationTask", "Classifier", "DistilledHead", "finetune",
-           "run_finetune", "load_for_finetune", "set_drop_path", "apply_recipe", "update_ema", "RECIPES",
+           "run_finetune", "labeled_data", "load_for_finetune", "set_drop_path", "apply_recipe", "update_ema", "RECIPES",
            "DEFAULT_LR", "DEFAULT_WEIGHT_DECAY"]
 
 # Per optimizer when the config leaves them unset. AdamW: MAE's fine-tuning (base lr 5e-4 per 256,
@@ -83,7 +83,10 @@ MODES = ("full", "partial", "linear")
 @dataclass
 class FinetuneConfig:
     backbone: str = ""              # what to fine-tune, for run_finetune: see load_for_finetune
-    source: str = "digits"          # labeled data: built-in name or image folder (labeled_splits)
+    source: str = "digits"          # labeled data: built-in name, image folder or labels CSV (labeled_data)
+    test_source: str = ""           # a CSV source's test CSV; "" = every 5th row of source held out
+    multilabel_loss: str = "bce"    # multi-label CSV: bce | asl (asymmetric loss)
+    threshold: float = 0.5          # multi-label CSV: sigmoid threshold of the F1 scores
     img_size: int = 32              # images are decoded at and views cropped to this side
     mode: str = "full"              # full | partial (last partial_blocks blocks + head) | linear (head)
     partial_blocks: int = 2         # partial: blocks that train, counted from the last (0: final norm + head)
@@ -108,6 +111,7 @@ class FinetuneConfig:
     out_dir: str = "runs"           # run_finetune's default run directory lives here
     # supervised recipe (all off by default) and knowledge distillation
     recipe: str = ""                # "" | deit: fills the DeiT values of the keys left at their defaults
+                                    # | bit-upstream: BiT's from-scratch training (SGD, wd 1e-4, steps)
                                     # | bit: BiT-HyperRule picks schedule, lr, MixUp, resolution from the data
     recipe_max_side: int = 0        # bit: cap the HyperRule's resolution (128 or 480 px) for small machines; 0 = none
     randaugment: str = ""           # timm-style spec, e.g. rand-m9-mstd0.5-inc1 ("": off)
@@ -123,11 +127,17 @@ class FinetuneConfig:
     distill_alpha: float = 0.5      # loss = (1 - alpha) * base + alpha * distillation
 
 
+# BiT upstream (Kolesnikov et al. 2020): training a GN+WS ResNet-v2 from scratch on the big labeled
+# set, SGD momentum 0.9, lr 0.03 per 256 (keel's unit), weight decay 1e-4, x0.1 at 30, 60 and 80 of
+# 90 epochs; no label smoothing, no drop-path. Left to the user: the epochs (BiT: 90) and the
+# warm-up (keel's 5 epochs; BiT warms up for 5,000 steps of 4,096 images).
 # DeiT (Touvron et al. 2021, its main.py): AdamW, lr 5e-4 per 512 images (keel's lr is per 256:
 # 2.5e-4), weight decay 0.05, cosine, 5 warm-up epochs, label smoothing 0.1, RandAugment m9
 # mstd0.5 (increasing ops), Mixup 0.8, CutMix 1.0 (switch 0.5), random erasing 0.25, drop path
 # 0.1, repeated augmentation x3. Left to the user: the epochs (DeiT: 300), the model EMA (off).
 RECIPES: dict[str, dict] = {
+    "bit-upstream": {"optimizer": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9, "schedule": "step",
+                     "milestones": [30 / 90, 60 / 90, 80 / 90], "label_smoothing": 0.0, "drop_path_rate": 0.0},
     "deit": {"optimizer": "adamw", "lr": 2.5e-4, "weight_decay": 0.05, "schedule": "cosine",
              "warmup_epochs": 5.0, "label_smoothing": 0.1, "randaugment": "rand-m9-mstd0.5-inc1",
              "mixup": 0.8, "cutmix": 1.0, "mix_switch_prob": 0.5, "reprob": 0.25, "drop_path_rate": 0.1,
@@ -146,7 +156,9 @@ def apply_recipe(cfg: FinetuneConfig, verbose: bool = True) -> FinetuneConfig:
     if cfg.recipe not in RECIPES:
         raise ConfigError(f"recipe must be one of '' | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
     recipe, defaults = RECIPES[cfg.recipe], FinetuneConfig()
-    other_optimizer = cfg.optimizer != recipe.get("optimizer", cfg.optimizer)
+    # the optimizer the run will use: the user's when set, else the recipe's
+    optimizer = cfg.optimizer if cfg.optimizer != defaults.optimizer else recipe.get("optimizer", cfg.optimizer)
+    other_optimizer = optimizer != recipe.get("optimizer", optimizer)
     changes, same, kept = {}, [], []
     for key, value in recipe.items():
         current = getattr(cfg, key)
@@ -291,6 +303,12 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"milestones are fractions of training in [0, 1], got {cfg.milestones}")
     if cfg.recipe and cfg.recipe not in RECIPES and cfg.recipe != "bit":
         raise ConfigError(f"recipe must be one of '' | bit | {' | '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.test_source and not str(cfg.source).lower().endswith(".csv"):
+        raise ConfigError("test_source is for a CSV source: folders and built-ins carry their own test split")
+    if cfg.multilabel_loss not in ("bce", "asl"):
+        raise ConfigError(f"multilabel_loss must be bce | asl, got {cfg.multilabel_loss!r}")
+    if not 0.0 < cfg.threshold < 1.0:
+        raise ConfigError(f"threshold is a probability in (0, 1), got {cfg.threshold}")
     if cfg.distill not in DISTILL_KINDS:
         raise ConfigError(f"distill must be one of {' | '.join(DISTILL_KINDS)}, got {cfg.distill!r}")
     if cfg.randaugment:
@@ -678,6 +696,8 @@ def read_timm_spec(spec: str) -> tuple[str, dict[str, torch.Tensor]]:
 def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
     """A backbone to fine-tune at ``img_size``, from ``spec``:
 
+    * a keel finetune run directory or one of its ``classifier*.safetensors``: its backbone without
+      the head (BiT's upstream -> downstream chain);
     * a keel run directory or its ``backbone.safetensors`` (with ``card.json`` beside it), rebuilt
       at ``img_size`` when pretrained at another size (a ViT's position table is resampled; a
       model whose other weights depend on the size must be fine-tuned at its pretraining size);
@@ -701,6 +721,10 @@ def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
     from safetensors.torch import load_file
 
     from keel.engine.checkpoint import load_backbone, read_card, sha256
+    from keel.evaluate.distill import _classifier_files
+    files = _classifier_files(spec)
+    if files is not None:
+        return _finetuned_backbone(*files, img_size=img_size)
     weights, card = read_card(spec)
     kwargs = dict(card.get("model_kwargs", {}))
     if kwargs.get("img_size", img_size) == img_size:
@@ -720,6 +744,25 @@ def load_for_finetune(spec: str, img_size: int, seed: int = 0) -> nn.Module:
     return model
 
 
+def _finetuned_backbone(weights: Path, config: Path, img_size: int) -> nn.Module:
+    """The backbone of a keel finetune run (e.g. BiT upstream: ``recipe=bit-upstream``), its head
+    left behind, built at ``img_size`` (a ViT's position table resampled)."""
+    from safetensors.torch import load_file
+
+    from keel.config import load_config
+    if not config.is_file():
+        raise FileNotFoundError(f"'{weights}' has no config.yaml beside it: its architecture is unknown")
+    upstream = load_config(config, cls=FinetuneConfig)
+    if not upstream.backbone:
+        raise ValueError(f"'{config}' names no backbone (the run came from finetune() with a module)")
+    model = load_for_finetune(upstream.backbone, img_size, seed=upstream.seed)   # the architecture at img_size
+    sd = {k[len("backbone."):]: v for k, v in load_file(str(weights), device="cpu").items()
+          if k.startswith("backbone.")}
+    _fit_pos_embed(model, sd)
+    model.load_state_dict(sd)
+    return model
+
+
 def default_run_dir(cfg: FinetuneConfig) -> Path:
     what = cfg.backbone.rstrip("/").split(":")[1] if cfg.backbone.startswith(("timm:", "random:")) \
         else Path(cfg.backbone.rstrip("/")).name
@@ -728,32 +771,79 @@ def default_run_dir(cfg: FinetuneConfig) -> Path:
 
 
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Everything from a config: load ``cfg.backbone``, the labeled splits of ``cfg.source``, then
-    :func:`finetune` into ``run_dir`` (default: a new folder under ``cfg.out_dir``)."""
-    from keel.data.sources import labeled_splits
+    """Everything from a config: load ``cfg.backbone``, the labeled data of ``cfg.source``
+    (:func:`labeled_data`), then :func:`finetune` into ``run_dir`` (default: a new folder under
+    ``cfg.out_dir``)."""
     if not cfg.backbone:
         raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     _check(cfg)
+    train_ds, test_ds, task = labeled_data(cfg)
     if cfg.recipe == "bit":
-        cfg = bit_recipe(cfg, progress)
-    train_ds, test_ds = labeled_splits(cfg.source, cfg.img_size)
+        size = cfg.img_size
+        cfg = bit_recipe(cfg, progress, train_ds)
+        if task is not None and cfg.mixup > 0:
+            if progress:
+                print(f"  mixup {cfg.mixup:g} left out: MixUp is for single-label classification")
+            cfg = replace(cfg, mixup=0.0)
+        if cfg.img_size != size:                                # decoded again at HyperRule's resolution
+            train_ds, test_ds, task = labeled_data(cfg)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
-    result = finetune(backbone, train_ds, test_ds, cfg, run_dir=run_dir or default_run_dir(cfg), progress=progress)
+    result = finetune(backbone, train_ds, test_ds, cfg, task=task, run_dir=run_dir or default_run_dir(cfg),
+                      progress=progress)
     return result
 
 
+def labeled_data(cfg: FinetuneConfig):
+    """``(train, test, task)`` for ``cfg.source`` at ``cfg.img_size``.
 
-_NATIVE_SIDE = {"digits": 8, "fashion-mnist": 28}
+    * A ``.csv`` file (:class:`keel.data.labels.LabeledCSV`): its header picks the task, ``image,labels``
+      a :class:`~keel.evaluate.multilabel.MultiLabelTask` (``cfg.multilabel_loss``, ``cfg.threshold``)
+      and ``image,primary,secondary`` a :class:`~keel.evaluate.multilabel.TwoLevelTask` with the file's
+      hierarchy. The test split is ``cfg.test_source`` (read with the training file's class lists, so
+      ids agree) or else every 5th row, as a labeled folder without a test split is held out.
+    * Anything else: single-label classification on :func:`keel.data.sources.labeled_splits`
+      (``task`` is None: :func:`finetune` builds the classification task from the labels)."""
+    from keel.data.sources import DataError, labeled_splits
+    _check(cfg)
+    if not str(cfg.source).lower().endswith(".csv"):
+        train, test = labeled_splits(cfg.source, cfg.img_size)
+        return train, test, None
+    from keel.data.labels import LabeledCSV
+    from keel.evaluate.multilabel import MultiLabelTask, TwoLevelTask
+    train = LabeledCSV(cfg.source, cfg.img_size)
+    if train.kind == "multilabel":
+        classes = dict(classes=train.classes)
+    else:
+        classes = dict(primary_classes=train.primary_classes, secondary_classes=train.secondary_classes)
+    if cfg.test_source:
+        try:
+            test = LabeledCSV(cfg.test_source, cfg.img_size, **classes)
+        except ValueError as e:      # the class lists of one kind given to a file of the other
+            raise DataError(f"test_source and source are different kinds of label file ('{cfg.source}' "
+                            f"is {train.kind}): {e}") from None
+    else:
+        ids = torch.arange(len(train))
+        train, test = train.subset(ids[ids % 5 != 0]), train.subset(ids[ids % 5 == 0])
+        if len(test) == 0:
+            raise DataError(f"'{cfg.source}' has too few rows to hold out a test split (every 5th row): "
+                            "give test_source=<test csv>")
+    if train.kind == "multilabel":
+        task = MultiLabelTask(len(train.classes), loss=cfg.multilabel_loss, threshold=cfg.threshold,
+                              class_names=train.classes)
+    else:
+        task = TwoLevelTask(len(train.primary_classes), len(train.secondary_classes), hierarchy=train.hierarchy_ids)
+    return train, test, task
 
 
-def bit_recipe(cfg: FinetuneConfig, progress: bool) -> FinetuneConfig:
+def bit_recipe(cfg: FinetuneConfig, progress: bool, train_ds=None) -> FinetuneConfig:
     """``recipe=bit``: BiT-HyperRule's choices from the training-set size and the images' own side
-    (the first image's, for a folder), printed with the reasons."""
+    (the first image's, for a folder or a CSV), printed with the reasons. ``train_ds``: the
+    training split when already loaded (else :func:`labeled_data` reads it)."""
     from PIL import Image
 
-    from keel.data.sources import labeled_splits
     from keel.evaluate.hyperrule import hyperrule_config
-    train_ds, _ = labeled_splits(cfg.source, cfg.img_size)
+    if train_ds is None:
+        train_ds = labeled_data(cfg)[0]
     side = _NATIVE_SIDE.get(cfg.source)
     if side is None and getattr(train_ds, "paths", None):
         with Image.open(train_ds.paths[0]) as im:

@@ -203,6 +203,15 @@ def resnetv2_26x1_cifar(num_classes: int = 0, **kw) -> ResNetV2:
     return _build(ResNetV2Config(depths=(2, 2, 2, 2), stem="cifar", img_size=32), num_classes, kw)
 
 
+@register_model
+def resnetv2_14_tiny_cifar(num_classes: int = 0, **kw) -> ResNetV2:
+    """A BiT-style ResNet-v2 small enough for CPU experiments (0.5M parameters): one bottleneck per
+    stage (14 layers), a quarter of BiT's widths (64-512), 8 GroupNorm groups, the cifar stem.
+    Same blocks (GN + WS pre-activation) as the real BiT sizes. No timm counterpart."""
+    return _build(ResNetV2Config(depths=(1, 1, 1, 1), stem="cifar", stem_width=16, widths=(64, 128, 256, 512),
+                                 gn_groups=8, img_size=32), num_classes, kw)
+
+
 # --- timm interoperability -------------------------------------------------------------------
 # keel: stages.{s}.{b}.<layer>, downsample is the StdConv2d itself, head is nn.Linear.
 # timm: stages.{s}.blocks.{b}.<layer>, downsample.conv, head.fc is a 1x1 Conv2d.
