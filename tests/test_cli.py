@@ -150,3 +150,19 @@ def test_finetune_and_fewshot_commands(tmp_path, capsys):
                  "--draws", "2", "--device", "cpu", "--json", str(tmp_path / "fs.json")]) == 0
     res = json.loads((tmp_path / "fs.json").read_text())
     assert set(res) == {"knn", "linear"} and len(res["knn"]["5"]["values"]) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_eval_suite_rejects_label_fractions_outside_0_1(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEEL_DEBUG", raising=False)
+    argv = ["eval", "suite", "--checkpoint", "random:resnet10_cifar", "--data", "digits",
+            "--label-fractions", "0.1", value, "--out", str(tmp_path / "suite")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keel eval: error: label fractions must lie in (0, 1]"), err
+    assert f"got {float(value):g} " in err[0] and "0.1" not in err[0].split("got")[1].split("(")[0]
+    assert os.listdir(tmp_path) == []            # refused before any data is read or file written
+    # and only the suite takes them
+    assert main(["eval", "knn", "--checkpoint", "random:resnet10_cifar", "--label-fractions", "0.1"]) == 2
+    assert "--label-fractions is for `keel eval suite`" in capsys.readouterr().err

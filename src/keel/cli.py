@@ -50,7 +50,9 @@ protocols:
   suite    several checkpoints side by side on several datasets (--checkpoint A B .., --data X Y ..):
            kNN, linear probe, few-shot, a short fine-tuning (--finetune-epochs, or --hyperrule for
            BiT-HyperRule's schedule) and robustness to noise/blur/contrast/JPEG (--severity); writes
-           report.md, report.json and PNGs into --out (one table per dataset, best in bold)
+           report.md, report.json and PNGs into --out (one table per dataset, best in bold);
+           --label-fractions 0.01 0.1 1 adds linear probe and fine-tuning on 1%, 10% and 100% of
+           the training labels (class-balanced, the same images for every checkpoint)
 
 examples:
   keel eval fewshot --checkpoint runs/my-run --data fashion-mnist --shots 1 5 10 --draws 5
@@ -59,6 +61,8 @@ examples:
   keel eval linear --checkpoint random:resnet10_cifar --data digits    # an untrained baseline
   keel eval suite --checkpoint runs/run-a runs/run-b random:resnet18_cifar --data digits fashion-mnist \\
       --shots 1 5 10 --finetune-epochs 5 --out runs/suite
+  keel eval suite --checkpoint runs/my-run random:resnet18_cifar --data fashion-mnist \\
+      --protocols linear finetune --label-fractions 0.01 0.1 1 --out runs/labels
   keel eval knn --checkpoint runs/my-run --data path/to/labeled   # one sub-folder per class;
                                                                   # train/ + test/ inside, or every
                                                                   # 5th image is held out as test
@@ -106,8 +110,12 @@ modes:
   partial  the last `partial_blocks` blocks and the head train; the rest is frozen (BN statistics too)
   linear   only a linear head on frozen features (with a non-affine BN before it, as MAE's probe)
 
-backbone: a keel run directory or backbone.safetensors, timm:<model>:<weights.safetensors|.pth>
-(timm weights on disk, converted), or random:<model> (training from scratch, the baseline).
+backbone: a keel run directory or backbone.safetensors, a keel finetune run (its backbone, the head
+left behind), timm:<model>:<weights.safetensors|.pth> (timm weights on disk, converted), or
+random:<model> (training from scratch, the baseline).
+
+source: a built-in name, a labeled folder, or a CSV: image,labels (multi-label, "a;b") or
+image,primary,secondary (two-level); its test split is test_source= or every 5th row.
 
 examples:
   keel finetune backbone=runs/my-run source=digits epochs=30
@@ -116,6 +124,9 @@ examples:
   keel finetune backbone=timm:vit_small_patch16_224:vit_s.safetensors source=path/to/labeled img_size=224 layer_decay=0.65
   keel finetune backbone=random:deit_tiny_patch16 source=path/to/labeled img_size=224 recipe=deit epochs=300
   keel finetune backbone=runs/my-run source=digits recipe=deit teacher=runs/finetune-full-resnet18 distill=hard
+  keel finetune backbone=random:resnetv2_50x1_bit source=path/to/big recipe=bit-upstream epochs=90
+  keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides
+  keel finetune backbone=runs/my-run source=tags.csv test_source=tags-test.csv multilabel_loss=asl
 
 configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
 in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
@@ -184,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hyperrule-scale", type=float, default=1.0,
                     help="suite: multiply BiT-HyperRule's step counts, e.g. 0.1 for a quick look (default: 1)")
     ev.add_argument("--severity", type=int, default=3, help="suite: corruption severity 1..5 for robustness (default: 3)")
-    ev.add_argument("--seed", type=int, default=0, help="suite: few-shot draws, fine-tuning, noise (default: 0)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="suite: few-shot draws, label fractions, fine-tuning, noise (default: 0)")
+    ev.add_argument("--label-fractions", type=float, nargs="+", default=[], metavar="F",
+                    help="suite: also train the linear probe (and, with the finetune protocol, the fine-tuning) on "
+                         "these fractions of the training labels, each in (0, 1]: e.g. 0.01 0.1 1 for 1%%, 10%% and "
+                         "all of them. Class-balanced (round(F x n) images of a class of n, at least one), the same "
+                         "images for every checkpoint; the test split stays whole (default: none)")
 
     ft = sub.add_parser("finetune", help="fine-tune a backbone on labeled data (full, partial, linear)",
                         description="Fine-tune a pretrained (or random) backbone on a labeled dataset.",
@@ -280,6 +297,8 @@ def cmd_eval(args) -> int:
 
     if args.protocol == "suite":
         return _suite(args)
+    if args.label_fractions:
+        raise ValueError(f"--label-fractions is for `keel eval suite`, not `keel eval {args.protocol}`")
     for flag in ("checkpoint", "data"):
         values = getattr(args, flag)
         if len(values) != 1:
@@ -325,7 +344,8 @@ def _suite(args) -> int:
                        linear_epochs=args.epochs,
                        fewshot_protocols=("knn", "linear", "finetune") if args.finetune else ("knn", "linear"),
                        finetune_recipe="hyperrule" if args.hyperrule else "short",
-                       hyperrule_scale=args.hyperrule_scale, severity=args.severity)
+                       hyperrule_scale=args.hyperrule_scale, severity=args.severity,
+                       label_fractions=args.label_fractions)
     text = (out / "report.md").read_text()
     blocks = [b for b in text.split("\n\n") if not b.startswith("![")]
     print("\n" + "\n\n".join(blocks))

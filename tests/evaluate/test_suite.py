@@ -13,12 +13,15 @@ from PIL import Image
 from keel.cli import main
 from keel.data.sources import build_dataset
 from keel.engine.checkpoint import export_backbone
-from keel.evaluate.fewshot import fewshot
+from keel.evaluate.features import cached_features
+from keel.evaluate.fewshot import fewshot, sample_shots
 from keel.evaluate.finetune import finetune, load_for_finetune
-from keel.evaluate.frozen import evaluate_frozen
+from keel.evaluate.frozen import evaluate_frozen, make_eval_transform
+from keel.evaluate.linear import linear_probe
 from keel.evaluate.report import markdown, write_report
 from keel.evaluate.robustness import robustness
-from keel.evaluate.suite import checkpoint_label, default_img_size, run_suite, suite_finetune_config
+from keel.evaluate.suite import (checkpoint_label, default_img_size, run_suite, sample_fraction,
+                                 suite_finetune_config)
 from keel.models.registry import create_model
 
 TINY_VIT = {"img_size": 8, "depth": 2, "dim": 48, "num_heads": 3}
@@ -156,3 +159,99 @@ def test_hyperrule_recipe_and_early_errors(tmp_path):
     with pytest.raises(ValueError, match="resnet99"):
         run_suite(["random:resnet10_cifar", "random:resnet99"], ["digits"], tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------- label fractions
+DIGITS_TRAIN_COUNTS = [136, 154, 151, 135, 143, 143, 151, 153, 138, 133]   # digits' 1437 training images
+
+
+def test_sample_fraction_is_class_balanced_seeded_and_nested():
+    y = build_dataset("digits", "train", 8, labeled=True).labels
+    assert torch.bincount(y).tolist() == DIGITS_TRAIN_COUNTS
+    # round(f * n_c) per class, by hand; Python's round takes halves to even (75.5 -> 76, 66.5 -> 66)
+    expected = {0.001: [1] * 10,                                    # 0.14 .. 0.15 -> 0, at least one
+                0.01: [1, 2, 2, 1, 1, 1, 2, 2, 1, 1],
+                0.1: [14, 15, 15, 14, 14, 14, 15, 15, 14, 13],
+                0.5: [68, 77, 76, 68, 72, 72, 76, 76, 69, 66]}
+    for f, counts in expected.items():
+        idx = sample_fraction(y, f, seed=3)
+        assert torch.bincount(y[idx], minlength=10).tolist() == counts, f
+        assert len(set(idx.tolist())) == len(idx) and idx.tolist() == sorted(idx.tolist())
+    assert torch.equal(sample_fraction(y, 1.0), torch.arange(len(y)))   # all of it, in dataset order
+    # reproducible by seed, another seed another subset, a smaller fraction inside a larger one
+    assert torch.equal(sample_fraction(y, 0.1, seed=3), sample_fraction(y, 0.1, seed=3))
+    assert not torch.equal(sample_fraction(y, 0.1, seed=3), sample_fraction(y, 0.1, seed=4))
+    assert set(sample_fraction(y, 0.1, seed=3).tolist()) <= set(sample_fraction(y, 0.5, seed=3).tolist())
+    # classes of equal size: exactly few-shot's first draw (so benchmarks/transfer.py's labels subsets)
+    balanced = torch.arange(60) % 6
+    assert torch.equal(sample_fraction(balanced, 0.3, seed=5), sample_shots(balanced, 3, draws=1, seed=5)[0])
+    # unlabeled images (-1) are never taken
+    partly = torch.tensor([-1, 0, 0, 1, -1, 1, 1, 0])
+    assert torch.equal(sample_fraction(partly, 1.0), torch.tensor([1, 2, 3, 5, 6, 7]))
+    for bad in (0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            sample_fraction(y, bad)
+
+
+@pytest.fixture(scope="module")
+def vit_run2(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vit-other")
+    torch.manual_seed(2)
+    export_backbone(create_model("vit_tiny_patch4_32", **TINY_VIT), run,
+                    {"model": "vit_tiny_patch4_32", "model_kwargs": TINY_VIT, "data": {"img_size": 8}})
+    return run
+
+
+def test_suite_label_fractions(suite, vit_run, vit_run2, tmp_path):
+    _, plain = suite
+    out = tmp_path / "fractions"
+    report = run_suite([str(vit_run), str(vit_run2)], ["digits"], out, protocols=("linear", "finetune"),
+                       finetune_epochs=1, img_size=8, device="cpu", progress=False, linear_epochs=3,
+                       label_fractions=(1, 0.1))
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["label_fractions"] == [0.1, 1.0]
+    # without fractions the suite writes what it always wrote
+    assert "label_fractions" not in plain["config"]
+    assert all("label_fractions" not in r for r in plain["results"]["digits"].values())
+
+    train = build_dataset("digits", "train", 8, labeled=True)
+    test = build_dataset("digits", "test", 8, labeled=True)
+    idx = sample_fraction(train.labels, 0.1, seed=0)
+    for run in (vit_run, vit_run2):
+        res = data["results"]["digits"][run.name]
+        fr = res["label_fractions"]
+        assert list(fr) == ["0.1", "1.0"] and fr["0.1"]["n_train"] == 143 and fr["1.0"]["n_train"] == 1437
+        # the rest of the suite is untouched by the fractions: the same numbers as the run without them
+        if run == vit_run:
+            before = plain["results"]["digits"][vit_run.name]
+            assert res["linear"] == before["linear"] and res["finetune"]["final"] == before["finetune"]["final"]
+        # 100% is the suite's own linear probe (recomputed on the subset's rows: all of them) and fine-tune
+        assert fr["1.0"]["linear"] == pytest.approx(res["linear"]["linear_top1"], abs=1e-9)
+        assert fr["1.0"]["finetune"] == res["finetune"]["final"]["top1"] and fr["1.0"]["finetune_steps"] == 12
+        # 10%: the linear probe and the fine-tuning called directly on the same 143 images
+        backbone = load_for_finetune(str(run), 8, seed=0)
+        xtr, ytr = cached_features(backbone, train, make_eval_transform(8), None)
+        xte, yte = cached_features(backbone, test, make_eval_transform(8), None)
+        direct = linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes=10, epochs=3)
+        assert fr["0.1"]["linear"] == pytest.approx(direct["linear_top1"], abs=1e-9)
+        tuned = finetune(copy.deepcopy(backbone), train.subset(idx), test,
+                         suite_finetune_config(8, epochs=1, device="cpu"), progress=False)
+        assert fr["0.1"]["finetune"] == pytest.approx(tuned["final"]["top1"], abs=1e-9)
+        assert fr["0.1"]["finetune_steps"] == tuned["steps"] == 2             # ceil(143 / 128)
+
+    md = (out / "report.md").read_text()
+    a, b = vit_run.name, vit_run2.name
+    assert f"| labels (top-1 %) | {a} · linear | {b} · linear | {a} · fine-tune | {b} · fine-tune |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 10% (143 images) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    values = [data["results"]["digits"][r.name]["label_fractions"]["0.1"][p]
+              for p in ("linear", "finetune") for r in (vit_run, vit_run2)]
+    assert [c.strip("*") for c in cells] == [f"{v:.2f}" for v in values]
+    for i, cell in enumerate(cells):          # bold: the better checkpoint of each protocol
+        rival = values[i ^ 1]
+        assert cell.startswith("**") == (values[i] >= rival)
+    assert "| 100% (1,437 images) |" in md and "![label fractions](fractions_digits.png)" in md
+    with Image.open(out / "fractions_digits.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    assert markdown(data, data["files"]["figures"]) == md
+    assert report["results"]["digits"][a]["label_fractions"]["0.1"]["n_train"] == 143

@@ -7,14 +7,17 @@ a report can be drawn again from the file alone::
 Per dataset: one table with the checkpoints side by side (best per row in bold), a robustness
 table, few-shot curves (``fewshot_<dataset>.png``: shots on x, one line per checkpoint and
 protocol, error bars one standard deviation over draws), bars of the headline numbers
-(``compare_<dataset>.png``) and of robustness (``robustness_<dataset>.png``).
+(``compare_<dataset>.png``) and of robustness (``robustness_<dataset>.png``). When the suite ran
+with label fractions: a table of top-1 by fraction of the training labels (one column per
+checkpoint and protocol) and its curves (``fractions_<dataset>.png``, fraction on a log axis).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-__all__ = ["write_report", "markdown", "table_rows", "plot_fewshot", "plot_bars"]
+__all__ = ["write_report", "markdown", "table_rows", "fraction_rows", "plot_fewshot", "plot_fractions",
+           "plot_bars"]
 
 _FEWSHOT_NAMES = {"knn": "kNN", "linear": "linear", "finetune": "fine-tune"}
 
@@ -71,6 +74,42 @@ def table_rows(results: dict) -> list[tuple[str, dict[str, tuple[float, float | 
     return rows
 
 
+def _fractions(results: dict) -> list[str]:
+    """The label fractions (as report.json spells them) any checkpoint has, smallest first."""
+    keys = {f for r in results.values() for f in r.get("label_fractions", {})}
+    return sorted(keys, key=float)
+
+
+def _percent(fraction: str) -> str:
+    return f"{100 * float(fraction):.4g}%"
+
+
+def fraction_rows(results: dict) -> tuple[list[str], list[tuple[str, dict[str, tuple[float, None]]]]]:
+    """``(columns, [(row name, {column: (top-1, None)})])`` of one dataset's label fractions: a
+    column per checkpoint and protocol ("CHECKPOINT · linear"), a row per fraction ("1% (600
+    images)", the subset being the same for every checkpoint)."""
+    columns: list[str] = []
+    for proto in ("linear", "finetune"):
+        for lb, r in results.items():
+            if any(proto in row for row in r.get("label_fractions", {}).values()):
+                columns.append(f"{lb} · {_FEWSHOT_NAMES[proto]}")
+    rows = []
+    for f in _fractions(results):
+        cells, n = {}, None
+        for lb, r in results.items():
+            row = r.get("label_fractions", {}).get(f)
+            if row is None:
+                continue
+            n = row.get("n_train", n)
+            for proto in ("linear", "finetune"):
+                v = _num(row.get(proto))
+                if v is not None:
+                    cells[f"{lb} · {_FEWSHOT_NAMES[proto]}"] = (v, None)
+        if cells:
+            rows.append((f"{_percent(f)} ({n:,} images)" if n is not None else _percent(f), cells))
+    return columns, rows
+
+
 def _robustness_rows(results: dict) -> list[tuple[str, dict[str, tuple[float, None]]]]:
     rows: list = []
     first = next((r["robustness"] for r in results.values() if "robustness" in r), None)
@@ -104,19 +143,20 @@ def _esc(text: str) -> str:
 _NO_BOLD = ("mean shifted / clean (%)",)   # a classifier at chance loses nothing: not "best"
 
 
-def _md_table(rows, labels: list[str], first: str = "metric (top-1 %)") -> list[str]:
+def _md_table(rows, labels: list[str], first: str = "metric (top-1 %)", group=lambda lb: "") -> list[str]:
+    """Best of a row in bold, among the columns of one ``group(column)`` (default: all)."""
     lines = [f"| {first} | " + " | ".join(_esc(lb) for lb in labels) + " |",
              "|---|" + "---:|" * len(labels)]
     for name, cells in rows:
-        best = max(v for v, _ in cells.values())
         out = []
         for lb in labels:
             if lb not in cells:
                 out.append("–")
                 continue
             v, sd = cells[lb]
+            rivals = [w for c, (w, _) in cells.items() if group(c) == group(lb)]
             text = f"{v:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
-            out.append(f"**{text}**" if v == best and len(cells) > 1 and name not in _NO_BOLD else text)
+            out.append(f"**{text}**" if v == max(rivals) and len(rivals) > 1 and name not in _NO_BOLD else text)
         lines.append(f"| {_esc(name)} | " + " | ".join(out) + " |")
     return lines
 
@@ -140,6 +180,11 @@ def markdown(report: dict, files: dict[str, dict[str, str]] | None = None) -> st
         rows = table_rows(ordered)
         if rows:
             lines += _md_table(rows, list(ordered)) + [""]
+        columns, frac = fraction_rows(ordered)
+        if frac:
+            lines += ["Top-1 by fraction of the training labels (the same class-balanced images for every "
+                      "checkpoint; bold: the best checkpoint per protocol):", ""]
+            lines += _md_table(frac, columns, first="labels (top-1 %)", group=lambda c: c.rsplit(" · ", 1)[1]) + [""]
         rob = _robustness_rows(ordered)
         if rob:
             scorers = sorted({r["robustness"]["scorer"] for r in ordered.values() if "robustness" in r})
@@ -150,7 +195,7 @@ def markdown(report: dict, files: dict[str, dict[str, str]] | None = None) -> st
         for kind, name in (files or {}).get(key, {}).items():
             lines += [f"![{kind}]({name})", ""]
         secs = {lb: r.get("seconds", {}) for lb, r in ordered.items()}
-        order = ["load", "frozen", "fewshot", "finetune", "robustness"]
+        order = ["load", "frozen", "fewshot", "finetune", "robustness", "label_fractions"]
         parts = sorted({p for s in secs.values() for p in s if p != "total"},
                        key=lambda p: order.index(p) if p in order else len(order))
         if parts:
@@ -174,8 +219,16 @@ def markdown(report: dict, files: dict[str, dict[str, str]] | None = None) -> st
         f"- **robustness**: the test split with Gaussian noise, Gaussian blur, lower contrast or JPEG compression at "
         f"severity {cfg.get('severity')} of 5 (CIFAR-10-C's parameters, `keel.evaluate.robustness`), scored by the "
         "fine-tuned classifier when fine-tuning ran, else by kNN against the clean training features.",
-        "- Bold: the best checkpoint of a row. Every number is a top-1 accuracy in percent on the test split.",
     ]
+    if cfg.get("label_fractions"):
+        fr = ", ".join(_percent(str(f)) for f in cfg["label_fractions"])
+        how = "BiT-HyperRule's schedule for the subset's size" if recipe == "hyperrule" else \
+            "the same epochs, so fewer steps"
+        lines.append(f"- **label fractions** ({fr}): round(f x n) images of each class of n (at least one; seed "
+                     f"{cfg.get('seed')}; a smaller fraction is part of a larger one), scored by the linear probe "
+                     f"above trained on their features and, when fine-tuning ran, by the fine-tuning above on those "
+                     f"images alone ({how}); the test split is the whole one.")
+    lines.append("- Bold: the best checkpoint of a row. Every number is a top-1 accuracy in percent on the test split.")
     if report.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -202,6 +255,38 @@ def plot_fewshot(results: dict, path: str | Path, title: str = "") -> Path | Non
     ax.set_xticks(shots, [str(s) for s in shots])
     ax.minorticks_off()
     ax.set(xlabel="labeled images per class", ylabel="top-1 (%)", title=title or "few-shot")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fractions(results: dict, path: str | Path, title: str = "") -> Path | None:
+    """Accuracy against the fraction of training labels (log axis): one line per checkpoint and
+    protocol (colour: checkpoint, line style: protocol, as :func:`plot_fewshot`)."""
+    from keel.show import plt
+    curves = []
+    for lb, r in results.items():
+        for proto in ("linear", "finetune"):
+            pts = [(float(f), _num(row.get(proto))) for f, row in r.get("label_fractions", {}).items()]
+            pts = sorted((x, y) for x, y in pts if y is not None)
+            if pts:
+                curves.append((lb, proto, pts))
+    if not curves:
+        return None
+    colours = {lb: f"C{i % 10}" for i, lb in enumerate(results)}
+    styles = {"knn": "-", "linear": "--", "finetune": ":"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for lb, proto, pts in curves:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], color=colours[lb], linestyle=styles[proto], marker="o",
+                markersize=4, label=f"{lb} · {_FEWSHOT_NAMES[proto]}")
+    ax.set_xscale("log")
+    xs = sorted({x for _, _, pts in curves for x, _ in pts})
+    ax.set_xticks(xs, [_percent(str(x)) for x in xs])
+    ax.minorticks_off()
+    ax.set(xlabel="fraction of the training labels", ylabel="top-1 (%)", title=title or "label fractions")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -258,6 +343,8 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
         figures[key] = {}
         if plot_fewshot(ordered, out_dir / f"fewshot_{key}.png", title=f"{key}: few-shot"):
             figures[key]["few-shot"] = f"fewshot_{key}.png"
+        if plot_fractions(ordered, out_dir / f"fractions_{key}.png", title=f"{key}: fraction of the labels"):
+            figures[key]["label fractions"] = f"fractions_{key}.png"
         rows = [(name, cells) for name, cells in table_rows(ordered) if not name.startswith("few-shot")]
         renamed = []
         for name, cells in rows:

@@ -12,7 +12,12 @@ For each dataset and each checkpoint, in this order:
    "hyperrule"``, see :mod:`keel.evaluate.hyperrule`); the last epoch's top-1 is reported;
 4. ``robustness``: top-1 on the test split shifted by noise, blur, contrast and JPEG at one
    severity (:mod:`keel.evaluate.robustness`), scored by the fine-tuned classifier when step 3
-   ran, else by kNN (k = 20) against the clean training features.
+   ran, else by kNN (k = 20) against the clean training features;
+5. ``label_fractions`` (only when some are given): for each fraction f, a class-balanced subset
+   of the training split (:func:`sample_fraction`: round(f x n_c) images of each class c, at
+   least one; the same images for every checkpoint) scored by the linear probe on the cached
+   features and, when ``finetune`` is among the protocols, by the fine-tune protocol on those
+   images alone. The test split is always the whole one.
 
 The numbers are exactly what the protocols return when called directly with the same arguments.
 ``report.json`` holds everything (config, results, timings) and is rewritten after each
@@ -35,13 +40,15 @@ from typing import Sequence
 import torch
 
 from keel.evaluate.features import cached_features
-from keel.evaluate.fewshot import fewshot
+from keel.evaluate.fewshot import _draw_seed, fewshot
 from keel.evaluate.finetune import FinetuneConfig, finetune, load_for_finetune
 from keel.evaluate.frozen import evaluate_frozen, make_eval_transform
 from keel.evaluate.hyperrule import hyperrule_config
+from keel.evaluate.linear import linear_probe
 from keel.evaluate.robustness import SHIFTS, robustness, robustness_knn
 
-__all__ = ["run_suite", "suite_finetune_config", "checkpoint_label", "default_img_size", "PROTOCOLS"]
+__all__ = ["run_suite", "suite_finetune_config", "sample_fraction", "checkpoint_label", "default_img_size",
+           "PROTOCOLS"]
 
 PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "robustness")
 
@@ -53,6 +60,31 @@ def suite_finetune_config(img_size: int, epochs: int = 10, device: str = "auto",
     cfg = FinetuneConfig(img_size=img_size, epochs=epochs, warmup_epochs=min(1.0, epochs / 10), eval_every=0,
                          device=device, seed=seed)
     return dataclasses.replace(cfg, **overrides)
+
+
+def sample_fraction(labels, fraction: float, seed: int = 0) -> torch.Tensor:
+    """The indices (sorted int64) of a class-balanced ``fraction`` of the labeled images:
+    ``max(1, round(fraction * n_c))`` images of every class ``c`` present (Python's ``round``,
+    halves to even), ``n_c`` being its number of images; -1 (unlabeled) is never taken.
+    ``fraction`` 1.0 gives every labeled image.
+
+    Each class is shuffled in one order fixed by ``seed`` whatever the fraction, so a smaller
+    fraction is part of a larger one. The shuffle is :func:`keel.evaluate.fewshot.sample_shots`'s
+    first draw: where every class has the same size, ``sample_fraction(y, f, s)`` is
+    ``sample_shots(y, round(f * n_c), 1, s)[0]``."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"a label fraction must lie in (0, 1], got {fraction:g} (0.01 is 1% of the labels)")
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    classes = sorted(set(labels[labels >= 0].tolist()))
+    if not classes:
+        raise ValueError("no labeled images to sample from")
+    gen = torch.Generator().manual_seed(_draw_seed(seed, 0))
+    picks = []
+    for c in classes:
+        ix = (labels == c).nonzero().flatten()
+        picks.append(ix[torch.randperm(len(ix), generator=gen)[:max(1, round(fraction * len(ix)))]])
+    return torch.cat(picks).sort().values
 
 
 def checkpoint_label(spec: str) -> str:
@@ -120,7 +152,7 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
               linear_epochs: int = 100, fewshot_protocols: Sequence[str] = ("knn", "linear"),
               finetune_recipe: str = "short", finetune_cfg: FinetuneConfig | None = None,
               hyperrule_scale: float = 1.0, severity: int = 3, shifts: Sequence[str] = SHIFTS,
-              batch_size: int = 256) -> dict:
+              batch_size: int = 256, label_fractions: Sequence[float] = ()) -> dict:
     """Evaluate every checkpoint (anything :func:`load_for_finetune` accepts: run directories,
     ``backbone.safetensors``, ``timm:MODEL:FILE``, ``random:MODEL``) on every dataset (built-in
     names or labeled folders, see :func:`keel.data.sources.labeled_splits`) and write
@@ -131,6 +163,15 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
     ``finetune_recipe`` "short" (:func:`suite_finetune_config` with ``finetune_epochs``) or
     "hyperrule" (BiT-HyperRule's schedule and optimizer with its steps times ``hyperrule_scale``,
     at the suite's resolution). ``fewshot_protocols`` may add "finetune" (slow: one run per draw).
+
+    ``label_fractions`` (e.g. ``(0.01, 0.1, 1.0)``, each in (0, 1]): the linear probe, and the
+    fine-tuning when "finetune" is in ``protocols``, trained on that fraction of the training
+    labels (:func:`sample_fraction` with ``seed``), as ``results[dataset][checkpoint]
+    ["label_fractions"][str(f)] = {"n_train", "linear", "finetune", "finetune_steps"}``. The
+    probe is the ``linear`` protocol's (``linear_epochs``, its seed 0) on the subset's cached
+    features; the fine-tuning is the suite's (same recipe and seed; HyperRule sizes its schedule by
+    the subset). A fraction that takes the whole split reuses the suite's fine-tune number instead
+    of running it again.
     """
     from keel.data.sources import labeled_splits
     from keel.engine.distributed import resolve_device
@@ -145,6 +186,11 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
         raise ValueError("give at least one checkpoint and one dataset")
     if finetune_epochs < 1 or draws < 1 or not 1 <= severity <= 5:
         raise ValueError("finetune_epochs and draws must be >= 1, severity in 1..5")
+    bad = [f for f in label_fractions if not 0.0 < float(f) <= 1.0]
+    if bad:
+        raise ValueError(f"label fractions must lie in (0, 1], got {', '.join(f'{float(f):g}' for f in bad)} "
+                         "(0.01 is 1% of the labels, 1 all of them)")
+    fractions = sorted({float(f) for f in label_fractions})
     dev = resolve_device(device)
     amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
 
@@ -177,6 +223,8 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
                   finetune_recipe="config" if finetune_cfg is not None else finetune_recipe,
                   finetune_epochs=finetune_epochs, hyperrule_scale=hyperrule_scale, severity=severity,
                   shifts=list(shifts), device=str(dev), batch_size=batch_size)
+    if fractions:       # absent otherwise: a suite without fractions writes what it always wrote
+        config["label_fractions"] = fractions
     from keel import __version__
     report: dict = {"keel_version": __version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "config": config, "datasets": {}, "results": {}, "notes": [], "seconds": None}
@@ -275,6 +323,16 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
                     res["seconds"]["robustness"] = round(time.perf_counter() - t0, 2)
                     _log(progress, f"  robustness ({scorer}): clean {rob['clean']:.2f}, "
                                    f"mean shifted {rob['mean_shifted']:.2f}")
+
+                if fractions:
+                    t0 = time.perf_counter()
+                    classifier = None       # fine-tunes below need the memory more
+                    res["label_fractions"] = _label_fractions(
+                        backbone, train, test, fractions, size, num_classes, Path(cache_dir), res, protocols,
+                        dict(finetune_cfg=finetune_cfg, recipe=finetune_recipe, epochs=finetune_epochs, dev=dev,
+                             seed=seed, scale=hyperrule_scale),
+                        linear_epochs, transform_kw, progress)
+                    res["seconds"]["label_fractions"] = round(time.perf_counter() - t0, 2)
             del backbone, classifier
             res["seconds"]["total"] = round(sum(res["seconds"].values()), 2)
             report["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -284,6 +342,42 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
     report["files"] = write_report(_jsonable(report), out_dir)
     _write_json(out_dir / "report.json", report)
     return report
+
+
+def _label_fractions(backbone, train, test, fractions: list[float], size: int, num_classes: int, cache_dir: Path,
+                     res: dict, protocols: Sequence[str], ft: dict, linear_epochs: int, transform_kw: dict,
+                     progress: bool) -> dict:
+    """Step 5 of the suite for one (dataset, checkpoint): ``{str(f): {"n_train", "linear", ...}}``."""
+    transform = make_eval_transform(size)
+    # the files step 1 wrote when it ran; extracted (and written) here otherwise
+    xtr, ytr = cached_features(backbone, train, transform, cache_dir / "features_train.safetensors", **transform_kw)
+    xte, yte = cached_features(backbone, test, transform, cache_dir / "features_test.safetensors", **transform_kw)
+    if len(ytr) != len(train):
+        raise ValueError(f"{len(train) - len(ytr)} training images could not be decoded, so features and "
+                         "dataset indices do not line up: remove the unreadable files first")
+    out: dict = {}
+    for f in fractions:
+        idx = sample_fraction(train.labels, f, ft["seed"])
+        row: dict = {"n_train": len(idx)}
+        # the linear protocol's probe (evaluate_frozen's arguments) on the subset's rows
+        row["linear"] = linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes=num_classes, epochs=linear_epochs,
+                                     device=transform_kw["device"])["linear_top1"]
+        if "finetune" in protocols:
+            if len(idx) == len(train) and "finetune" in res:
+                # the whole split: the same run as step 3 (same data, order, config and seed)
+                row["finetune"] = res["finetune"]["final"][res["finetune"]["main_metric"]]
+                row["finetune_steps"] = res["finetune"]["steps"]
+            else:
+                fcfg, _ = _finetune_cfg(ft["finetune_cfg"], ft["recipe"], size, ft["epochs"], ft["dev"], ft["seed"],
+                                        len(idx), ft["scale"])
+                tuned = finetune(copy.deepcopy(backbone), train.subset(idx), test, fcfg, progress=False)
+                row["finetune"] = tuned["final"][tuned["main_metric"]]
+                row["finetune_steps"] = tuned["steps"]
+                del tuned
+        out[str(f)] = row
+        _log(progress, f"  {100 * f:.4g}% of the labels ({len(idx)} images): linear {row['linear']:.2f}"
+                       + (f", fine-tune {row['finetune']:.2f}" if "finetune" in row else ""))
+    return out
 
 
 def _finetune_cfg(given: FinetuneConfig | None, recipe: str, size: int, epochs: int, dev, seed: int,
