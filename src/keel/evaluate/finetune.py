@@ -835,6 +835,9 @@ def labeled_data(cfg: FinetuneConfig):
     return train, test, task
 
 
+_NATIVE_SIDE = {"digits": 8, "fashion-mnist": 28}     # the built-ins' own image side, HyperRule's input
+
+
 def bit_recipe(cfg: FinetuneConfig, progress: bool, train_ds=None) -> FinetuneConfig:
     """``recipe=bit``: BiT-HyperRule's choices from the training-set size and the images' own side
     (the first image's, for a folder or a CSV), printed with the reasons. ``train_ds``: the
