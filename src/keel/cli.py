@@ -362,6 +362,8 @@ def cmd_finetune(args) -> int:
     from keel.evaluate.finetune import default_run_dir
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     res = run_finetune(cfg, run_dir)
+    if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports (and wrote run_dir)
+        return 0
     key = res["main_metric"]
     print(f"done: {res['mode']} fine-tuning, {res['steps']} steps; {key} {res['final'][key]:.2f} at the end, "
           f"{res['best'][key]:.2f} at best (epoch {res['best']['epoch']}, chosen on the test split)\n"

@@ -98,3 +98,38 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order, without gradients. Unlike
+    :func:`gather_with_grad` the ranks' first dimensions may differ (a test set cut into
+    near-equal shards); the other dimensions and the dtype must agree."""
+    if world_size() == 1:
+        return x
+    # the sizes first, then every shard padded to the largest (all_gather moves equal shapes)
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    as_bool = x.dtype == torch.bool           # moved as uint8: not every backend takes bool
+    x = x.to(torch.uint8) if as_bool else x
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))]).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return out.bool() if as_bool else out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers of ``module`` (BatchNorm running statistics, which
+    each rank updates from its own shard when BatchNorm is not synchronised), one collective per
+    dtype."""
+    if world_size() == 1:
+        return
+    buffers = list(module.buffers())
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        dist.broadcast(flat, src)
+        for b, v in zip(same, flat.split([b.numel() for b in same])):
+            b.copy_(v.view_as(b))

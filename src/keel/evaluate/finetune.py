@@ -34,6 +34,24 @@ Randomness: the head's initialisation and drop-path come from ``torch.manual_see
 order and the views from one ``torch.Generator`` seeded with ``seed``; the same seed (on the same
 device, with the same number of threads) gives the same run.
 
+Several processes (``torchrun --nproc_per_node N -m keel finetune ...``; one process is the same
+run as without torchrun, to the bit). ``batch_size`` is the global batch: every rank draws the
+same index batches and takes its contiguous share (near-equal parts), the model is wrapped in
+DistributedDataParallel, and each rank's mean loss is weighted by its share of the batch, so the
+averaged gradient is the whole batch's even when the shares differ by an image. Each rank
+evaluates a shard of the test split and the outputs are gathered, so every rank scores the whole
+split as one process would; the EMA is kept on every rank (of identical weights, so identical);
+a teacher sees the rank's share. Only rank 0 prints and writes ``run_dir``; all ranks return the
+same result. What N processes reproduce of one process's run, up to float round-off: with plain
+views (crop + flip, drawn for the whole batch from the shared generator, each rank applying its
+rows) and no BatchNorm training on CPU, the whole run -- weights, losses, metrics (a test checks
+2 processes against 1). What they do not: BatchNorm in train mode normalises with the whole
+batch on GPU (SyncBatchNorm) but with each rank's share on CPU (gloo has no SyncBatchNorm; the
+running statistics are made rank 0's after each step); RandAugment, random erasing,
+Mixup/CutMix (pairs and lambda within the share) and drop-path draw from per-rank streams,
+random alike but not the same draws. Undecodable images of a folder are replaced by the share's
+decodable ones (as pretraining does) instead of dropped, so the ranks keep stepping together.
+
 Artifacts in ``run_dir``: ``config.yaml`` (the FinetuneConfig), ``metrics.jsonl`` (one line per
 epoch), ``classifier.safetensors`` (backbone + head after the last epoch, keys ``backbone.*`` and
 ``head.*``), ``classifier_best.safetensors`` (the same at the best epoch), ``result.json`` and
@@ -60,8 +78,9 @@ from keel.data.recipes import MixupCutmix, RecipeAugment, parse_randaugment, rep
 from keel.data.sources import collate_skip
 from keel.data.views import BatchAugment, ViewConfig
 from keel.engine.checkpoint import atomic_write
-from keel.engine.distributed import resolve_device
+from keel.engine import distributed as D
 from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, layer_id_of, num_layers, step_lr
+from keel.engine.trainer import _seed_for
 from keel.evaluate.distill import DISTILL_KINDS, distillation_loss, load_teacher
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
@@ -365,9 +384,12 @@ def _train_mode(model: Classifier, frozen: set[int]) -> None:
             m.eval()
 
 
-def _batches(ds, index_batches, num_workers: int, device: torch.device):
+def _batches(ds, index_batches, num_workers: int, device: torch.device, refill: bool = False):
     """(uint8 images, targets) on ``device`` for each list of indices: indexed directly for data
-    held in memory, decoded by DataLoader workers for image folders (undecodable files dropped)."""
+    held in memory, decoded by DataLoader workers for image folders. One pair per list, in order.
+    Undecodable files are dropped (a batch can come out empty), or with ``refill`` replaced by the
+    batch's decodable images, as pretraining does: every batch then keeps its size, which the
+    ranks of a torchrun need (they step together, and their shares' sizes set the loss weights)."""
     if hasattr(ds, "images"):
         for idx in index_batches:
             yield (ds.images[idx].to(device, non_blocking=True),
@@ -376,22 +398,59 @@ def _batches(ds, index_batches, num_workers: int, device: torch.device):
     loader = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in index_batches],
                                          num_workers=num_workers, collate_fn=getattr(ds, "collate_fn", collate_skip),
                                          pin_memory=device.type == "cuda")
-    for batch in loader:
-        if len(batch["images"]):
-            yield batch["images"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
+    for idx, batch in zip(index_batches, loader):
+        images, labels = batch["images"], batch["labels"]
+        if refill and len(images) < len(idx):
+            if len(images) == 0:
+                raise RuntimeError(f"no image of a batch of {len(idx)} could be decoded (indices {idx[:8].tolist()}"
+                                   f"{' ...' if len(idx) > 8 else ''}): check the files of the dataset")
+            keep = torch.arange(len(idx)) % len(images)
+            images, labels = images[keep], labels[keep]
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 @torch.no_grad()
-def _evaluate(model: Classifier, ds, task, transform, batch_size: int, num_workers: int,
-              device: torch.device, autocast) -> dict[str, float]:
+def _predict(model: Classifier, ds, transform, batch_size: int, num_workers: int, device: torch.device,
+             autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, targets) of the whole of ``ds`` in its order, float32 outputs on the CPU. Under
+    torchrun each rank runs a contiguous shard (near-equal parts) and the shards are gathered, in
+    rank order, to every rank: each sees what one process would."""
     model.eval()
-    idx = torch.arange(len(ds))
+    idx = torch.arange(len(ds)).tensor_split(D.world_size())[D.rank()]
     outputs, targets = [], []
     for images, y in _batches(ds, idx.split(batch_size), num_workers, device):
+        if len(images) == 0:                 # no file of the batch decoded
+            continue
         with autocast():
             outputs.append(model(transform(images)).float().cpu())
         targets.append(y.cpu())
-    return {k: float(v) for k, v in task.metrics(torch.cat(outputs), torch.cat(targets)).items()}
+    outputs, targets = torch.cat(outputs), torch.cat(targets)
+    if D.world_size() > 1:       # the collectives move device tensors (NCCL: GPU only)
+        outputs, targets = (D.all_gather_cat(t.to(device)).cpu() for t in (outputs, targets))
+    return outputs, targets
+
+
+def _evaluate(model: Classifier, ds, task, transform, batch_size: int, num_workers: int,
+              device: torch.device, autocast) -> dict[str, float]:
+    outputs, targets = _predict(model, ds, transform, batch_size, num_workers, device, autocast)
+    return {k: float(v) for k, v in task.metrics(outputs, targets).items()}
+
+
+def _views(augment, images: torch.Tensor, batch: int, gen: torch.Generator,
+           rank_gen: torch.Generator) -> torch.Tensor:
+    """Training views of this rank's share of a batch of ``batch`` images. One process: the
+    augmentation on the batch from ``gen``. Under torchrun, plain crop + flip (BatchAugment) draws
+    its parameters for the whole batch from ``gen``, which every rank holds alike, and applies the
+    rows of its share: per-image parameters are drawn in order, so N processes make exactly the
+    views of one. A recipe's views (RandAugment and erasing, per image on the CPU) are drawn from
+    the rank's own ``rank_gen`` instead: random like one process's, but not the same images."""
+    world = D.world_size()
+    if world == 1:
+        return augment(images, gen)
+    if isinstance(augment, BatchAugment):
+        params = augment.sample_params(batch, images.shape[-2], images.shape[-1], gen)
+        return augment.apply(images, {k: v.tensor_split(world)[D.rank()] for k, v in params.items()})
+    return augment(images, rank_gen)
 
 
 def _save_classifier(model: nn.Module, path: Path, meta: dict) -> None:
@@ -410,6 +469,13 @@ _TRAIN_KEYS = ("epoch", "step", "loss", "base_loss", "distill_loss", "lr", "time
 
 def _test_metrics(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k not in _TRAIN_KEYS}
+
+
+def _slowest(seconds: float, device: torch.device) -> float:
+    """The largest of the ranks' ``seconds`` (the run's wall time), the same on every rank."""
+    if D.world_size() == 1:
+        return seconds
+    return D.all_reduce_max(torch.tensor(seconds, dtype=torch.float64, device=device)).item()
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -446,10 +512,16 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     ``base_loss`` and ``distill_loss`` too. With ``cfg.model_ema`` every evaluation also scores the
     EMA (``ema_<metric>``), the result has ``"best_ema"`` (its best epoch, by its own main metric)
     and ``"ema_classifier"`` (the EMA model, left out of result.json)."""
+    # Under torchrun this process joins the group (nothing happens for one process, or when the
+    # group exists already). Only rank 0 prints, shows progress and writes run_dir.
+    device = D.init_distributed(cfg.device).device
+    world, rank = D.world_size(), D.rank()
+    progress = progress and rank == 0
     cfg = apply_recipe(cfg, verbose=progress)
     _check(cfg)
+    if world > 1 and len(test_ds) < world:
+        raise ConfigError(f"{len(test_ds)} test images cannot be shared by {world} processes")
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
@@ -482,6 +554,13 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     frozen = _freeze(model, cfg)
     set_drop_path(backbone, cfg.drop_path_rate)
     model.to(device)
+    # Under torchrun the data order and the crop + flip parameters stay on ``gen``, alike on every
+    # rank (see _views); what a rank draws for its own images only (drop-path, a recipe's per-image
+    # operations, Mixup/CutMix) comes from streams of its own, so ranks do not repeat each other.
+    rank_gen = gen
+    if world > 1:
+        rank_gen = torch.Generator().manual_seed(_seed_for(cfg.seed, rank))
+        torch.manual_seed(_seed_for(cfg.seed, rank, 1))
     ema = None
     if cfg.model_ema > 0:
         ema = copy.deepcopy(model).eval()
@@ -513,8 +592,22 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     mixer = MixupCutmix(task.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_switch_prob) if mixing else None
     eval_transform = make_eval_transform(cfg.img_size)
 
+    # Under torchrun the training forward goes through DistributedDataParallel, which averages the
+    # trainable parameters' gradients over the ranks (frozen ones have requires_grad off and are
+    # left out). BatchNorm in train mode: synchronised on GPU, so it normalises with the whole
+    # batch's statistics as one process does; gloo (CPU) has no SyncBatchNorm, and each rank
+    # normalises with its own share's and updates its own running statistics (made rank 0's after
+    # every step, below). Evaluation and the EMA use ``model`` itself, outside DDP.
+    train_model = model
+    if world > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+
     metrics_file = None
-    if run_dir is not None:
+    writes = run_dir is not None and rank == 0
+    if writes:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -533,47 +626,68 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
                 index_batches = repeated_batches(n, steps_per_epoch, cfg.repeated_aug, gen)
             else:
                 index_batches = torch.randperm(n, generator=gen).tensor_split(steps_per_epoch)
+            # Every rank has the same index batches (gen is seeded alike everywhere) and loads its
+            # contiguous share of each: the shares together are exactly one process's batch.
+            if world > 1 and min(len(b) for b in index_batches) < world:
+                raise ConfigError(f"a batch of {min(len(b) for b in index_batches)} images cannot be shared by "
+                                  f"{world} processes: raise batch_size or use fewer processes")
+            shares = [b.tensor_split(world)[rank] for b in index_batches]
+            refill = world > 1               # under torchrun no share may shrink (see _batches)
+            loaded = _batches(train_ds, shares, cfg.num_workers, device, refill)
             sums = {k: torch.zeros((), device=device) for k in ("loss", "base_loss", "distill_loss")}
             loss_count = 0
-            for images, targets in _batches(train_ds, index_batches, cfg.num_workers, device):
+            for idx, (images, targets) in zip(index_batches, loaded):
+                if len(images) == 0:                           # no file of the batch decoded (one process)
+                    continue
                 cur_lr = lr_at(step)
                 apply_lr(optimizer, cur_lr)
                 with torch.no_grad():
-                    x = augment(images, gen)
+                    x = _views(augment, images, len(idx), gen, rank_gen)
                     if mixer is not None:
-                        x, targets = mixer(x, targets, gen)    # soft targets (B, classes)
+                        x, targets = mixer(x, targets, rank_gen)   # soft targets (B, classes)
                     if teacher is not None:                    # the teacher sees the mixed batch
                         with autocast():
                             teacher_logits = teacher(x).float()
                 with autocast():
-                    outputs = model(x)
+                    outputs = train_model(x)
                 # the loss in float32 whatever the autocast
                 outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
                 if teacher is not None:
                     parts = distillation_loss(outputs, teacher_logits, targets, cfg.distill, cfg.distill_tau,
                                               cfg.distill_alpha, base_loss=task.loss)
-                    loss = parts["loss"]
-                    sums["base_loss"] += parts["base_loss"].detach()
-                    sums["distill_loss"] += parts["distill_loss"].detach()
                 else:
-                    loss = task.loss(outputs, targets)
+                    parts = {"loss": task.loss(outputs, targets)}
+                if world > 1:
+                    # Each rank's loss is the mean over its share and DDP averages the gradients:
+                    # weighted by the share's part of the batch (shares differ by an image when
+                    # the batch does not divide), that average is the gradient of the whole
+                    # batch's mean loss, as one process computes it.
+                    weight = world * len(images) / len(idx)
+                    parts = {k: v * weight for k, v in parts.items()}
+                loss = parts["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad > 0:
                     nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
                 optimizer.step()
+                # torchrun: rank 0's BatchNorm statistics everywhere, so that the EMA update and the
+                # evaluation, which come before DDP's next forward syncs them, see one model
+                D.broadcast_buffers(model)
                 if ema is not None:
                     update_ema(ema, model, cfg.model_ema)
-                sums["loss"] += loss.detach()
+                for k, v in parts.items():
+                    sums[k] += v.detach()
                 loss_count += 1
                 step += 1
                 bar.update(1)
-            train_loss = (sums["loss"] / max(1, loss_count)).item()
+            # the mean over ranks of the weighted losses: the epoch's mean batch loss on every rank
+            means = {k: D.all_reduce_mean(v / max(1, loss_count)) for k, v in sums.items()}
+            train_loss = means["loss"].item()
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}: lower lr or set clip_grad")
             rec = {"epoch": epoch, "step": step, "loss": train_loss, "lr": cur_lr}
             if teacher is not None:
-                rec.update({k: (sums[k] / max(1, loss_count)).item() for k in ("base_loss", "distill_loss")})
+                rec.update({k: means[k].item() for k in ("base_loss", "distill_loss")})
             if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
                 eval_batch = max(cfg.batch_size, 256)
                 rec.update(_evaluate(model, test_ds, task, eval_transform, eval_batch, cfg.num_workers,
@@ -586,7 +700,7 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
                         best_ema = {"epoch": epoch, **ema_metrics}
                 if _better(rec[task.main_metric], best[task.main_metric] if best else None):
                     best = {"epoch": epoch, **_test_metrics(rec)}
-                    if run_dir is not None:
+                    if writes:
                         _save_classifier(model, run_dir / "classifier_best.safetensors",
                                          {"epoch": epoch, task.main_metric: rec[task.main_metric]})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{task.main_metric: f"{rec[task.main_metric]:.2f}"})
@@ -613,7 +727,7 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         "train_images": n,
         "test_images": len(test_ds),
         "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "seconds": round(_slowest(time.perf_counter() - t0, device), 2),
     }
     if cfg.recipe:
         result["recipe"] = cfg.recipe
@@ -621,13 +735,14 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         result["distill"] = cfg.distill
     if ema is not None:
         result["best_ema"] = best_ema
-    if run_dir is not None:
+    if writes:
         _save_classifier(model, run_dir / "classifier.safetensors", {"epoch": last["epoch"]})
         if ema is not None:
             _save_classifier(ema, run_dir / "classifier_ema.safetensors",
                              {"epoch": last["epoch"], "model_ema": cfg.model_ema})
         _write_json(run_dir / "result.json", result)
         _plot_curves(history, task.main_metric, run_dir / "curves.png")
+    D.barrier()                         # torchrun: rank 0's files exist when any rank returns
     out = dict(result, classifier=model)
     if ema is not None:
         out["ema_classifier"] = ema
@@ -773,10 +888,24 @@ def default_run_dir(cfg: FinetuneConfig) -> Path:
 def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Everything from a config: load ``cfg.backbone``, the labeled data of ``cfg.source``
     (:func:`labeled_data`), then :func:`finetune` into ``run_dir`` (default: a new folder under
-    ``cfg.out_dir``)."""
+    ``cfg.out_dir``). Under torchrun every process runs this: it joins the process group (NCCL on
+    GPU, gloo on CPU) and leaves it at the end if it was the one to create it; rank 0 prints and
+    writes ``run_dir`` (the default's time stamp is then rank 0's clock)."""
     if not cfg.backbone:
         raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     _check(cfg)
+    import torch.distributed as dist
+    created = not (dist.is_available() and dist.is_initialized())
+    D.init_distributed(cfg.device)
+    created = created and dist.is_initialized()
+    try:
+        return _run_finetune(cfg, run_dir, progress and D.rank() == 0)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: bool) -> dict:
     train_ds, test_ds, task = labeled_data(cfg)
     if cfg.recipe == "bit":
         size = cfg.img_size
