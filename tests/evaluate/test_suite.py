@@ -27,14 +27,17 @@ from keel.models.registry import create_model
 TINY_VIT = {"img_size": 8, "depth": 2, "dim": 48, "num_heads": 3}
 
 
+def _tiny_vit_run(folder, seed: int):
+    """A run directory as pretraining leaves it: backbone.safetensors + card.json (tiny ViT, 8 px)."""
+    torch.manual_seed(seed)
+    export_backbone(create_model("vit_tiny_patch4_32", **TINY_VIT), folder,
+                    {"model": "vit_tiny_patch4_32", "model_kwargs": TINY_VIT, "data": {"img_size": 8}})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-    """A run directory as pretraining leaves it: backbone.safetensors + card.json (tiny ViT, 8 px)."""
-    run = tmp_path_factory.mktemp("vit-run")
-    torch.manual_seed(1)
-    export_backbone(create_model("vit_tiny_patch4_32", **TINY_VIT), run,
-                    {"model": "vit_tiny_patch4_32", "model_kwargs": TINY_VIT, "data": {"img_size": 8}})
-    return run
+    return _tiny_vit_run(tmp_path_factory.mktemp("vit-run"), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +198,7 @@ def test_sample_fraction_is_class_balanced_seeded_and_nested():
 
 @pytest.fixture(scope="module")
 def vit_run2(tmp_path_factory):
-    run = tmp_path_factory.mktemp("vit-other")
-    torch.manual_seed(2)
-    export_backbone(create_model("vit_tiny_patch4_32", **TINY_VIT), run,
-                    {"model": "vit_tiny_patch4_32", "model_kwargs": TINY_VIT, "data": {"img_size": 8}})
-    return run
+    return _tiny_vit_run(tmp_path_factory.mktemp("vit-other"), seed=2)
 
 
 def test_suite_label_fractions(suite, vit_run, vit_run2, tmp_path):

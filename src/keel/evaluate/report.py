@@ -234,6 +234,14 @@ def markdown(report: dict, files: dict[str, dict[str, str]] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+_PROTOCOL_LINES = {"knn": "-", "linear": "--", "finetune": ":"}   # line style per protocol in the curves
+
+
+def _curve_style(results: dict) -> dict[str, str]:
+    """One colour per checkpoint, in the results' order."""
+    return {lb: f"C{i % 10}" for i, lb in enumerate(results)}
+
+
 def plot_fewshot(results: dict, path: str | Path, title: str = "") -> Path | None:
     """Accuracy against labeled images per class: one line per checkpoint and few-shot protocol
     (colour: checkpoint, line style: protocol), error bars one standard deviation."""
@@ -242,19 +250,24 @@ def plot_fewshot(results: dict, path: str | Path, title: str = "") -> Path | Non
               if by_shots]
     if not curves:
         return None
-    colours = {lb: f"C{i % 10}" for i, lb in enumerate(results)}
-    styles = {"knn": "-", "linear": "--", "finetune": ":"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colours, styles, (fig, ax) = _curve_style(results), _PROTOCOL_LINES, plt.subplots(figsize=(6.4, 4.0))
     for lb, proto, by_shots in curves:
         xs = sorted(by_shots, key=int)
         ax.errorbar([int(s) for s in xs], [by_shots[s]["mean"] for s in xs], yerr=[by_shots[s]["std"] for s in xs],
                     color=colours[lb], linestyle=styles.get(proto, "-."), marker="o", markersize=4, capsize=3,
                     label=f"{lb} · {_FEWSHOT_NAMES.get(proto, proto)}")
-    ax.set_xscale("log")
     shots = sorted({int(s) for _, _, b in curves for s in b})
-    ax.set_xticks(shots, [str(s) for s in shots])
+    return _save_log_x(fig, ax, shots, [str(s) for s in shots], "labeled images per class", title or "few-shot", path)
+
+
+def _save_log_x(fig, ax, ticks, labels, xlabel: str, title: str, path) -> Path:
+    """The common end of the accuracy-vs-labels plots: log x axis with ``ticks`` labelled, grid,
+    legend, saved to ``path`` and closed."""
+    from keel.show import plt
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, labels)
     ax.minorticks_off()
-    ax.set(xlabel="labeled images per class", ylabel="top-1 (%)", title=title or "few-shot")
+    ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -276,23 +289,13 @@ def plot_fractions(results: dict, path: str | Path, title: str = "") -> Path | N
                 curves.append((lb, proto, pts))
     if not curves:
         return None
-    colours = {lb: f"C{i % 10}" for i, lb in enumerate(results)}
-    styles = {"knn": "-", "linear": "--", "finetune": ":"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colours, styles, (fig, ax) = _curve_style(results), _PROTOCOL_LINES, plt.subplots(figsize=(6.4, 4.0))
     for lb, proto, pts in curves:
         ax.plot([x for x, _ in pts], [y for _, y in pts], color=colours[lb], linestyle=styles[proto], marker="o",
                 markersize=4, label=f"{lb} · {_FEWSHOT_NAMES[proto]}")
-    ax.set_xscale("log")
     xs = sorted({x for _, _, pts in curves for x, _ in pts})
-    ax.set_xticks(xs, [_percent(str(x)) for x in xs])
-    ax.minorticks_off()
-    ax.set(xlabel="fraction of the training labels", ylabel="top-1 (%)", title=title or "label fractions")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_log_x(fig, ax, xs, [_percent(str(x)) for x in xs], "fraction of the training labels",
+                       title or "label fractions", path)
 
 
 def plot_bars(rows: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
