@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from keel.config import RunConfig, load_config
 from keel.data.sources import build_dataset
 from keel.data.views import ViewConfig, local_crop_size
-from keel.engine.checkpoint import load_backbone
+from keel.engine.checkpoint import load_backbone, load_checkpoint
 from keel.engine.distributed import resolve_device
 from keel.engine.optim import build_optimizer, cosine_lr
 from keel.engine.pretrain import pretrain
@@ -442,6 +442,13 @@ def run_one(impl: str, method: str, vit: bool, preset: str, overrides: list[str]
             backbone, stats = lightly_fit(method, cfg, device)
         row.update(stats, s_per_epoch=stats["train_s"] / max(stats["epochs"], 1e-9))
         row.update(evaluate(backbone, cfg.data.img_size, preset, device, cfg.eval.linear_epochs))
+        if impl == "keel" and method == "dino":
+            # keel exports DINO's teacher; lightly's loop trains (and we evaluate) its student.
+            # The student, from the last checkpoint, is the like-for-like comparison.
+            student = create_model(cfg.model.name, **model_kwargs(cfg))
+            state = load_checkpoint(run_dir)["method"]
+            student.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+            row["student"] = evaluate(student.eval(), cfg.data.img_size, preset, device, cfg.eval.linear_epochs)
         print(f"  train {row['train_s']:.0f} s ({row['s_per_epoch']:.1f} s/epoch), peak {row['peak_mb']:.0f} MB, "
               f"kNN@200 {row['knn200']:.2f}, kNN@20 {row['knn20']:.2f}, linear {row['linear']:.2f}", flush=True)
     except Exception as e:  # a broken method must not stop the others
@@ -532,9 +539,15 @@ def main():
     rows = [run_isolated(impl, method, vit, args.preset, args.overrides,
                          out / f"{impl}-{method}-{'vit' if vit else 'cnn'}") for impl, method, vit in plan]
 
-    # keel ÷ lightly, for the methods both ran on the same backbone
+    # DINO's student gets its own row: it is what lightly's DINO row measures
+    for r in list(rows):
+        if "student" in r:
+            rows.insert(rows.index(r) + 1, {**{k: v for k, v in r.items() if k != "student"}, **r["student"],
+                                            "name": f"{r['name']} (student)"})
+    # keel ÷ lightly, for the methods both ran on the same backbone (DINO: student against student)
     for method in SHARED:
-        k = next((r for r in rows if r["name"] == f"keel {method}" and "error" not in r), None)
+        k = next((r for r in rows if r["name"] == f"keel {method} (student)" and "error" not in r), None) or \
+            next((r for r in rows if r["name"] == f"keel {method}" and "error" not in r), None)
         li = next((r for r in rows if r["name"] == f"lightly {method}" and "error" not in r), None)
         if k and li:
             k["vs_lightly"] = {m: k[m] / li[m] for m in ("knn200", "linear", "s_per_epoch")}
