@@ -127,6 +127,7 @@ examples:
   keel finetune backbone=random:resnetv2_50x1_bit source=path/to/big recipe=bit-upstream epochs=90
   keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides
   keel finetune backbone=runs/my-run source=tags.csv test_source=tags-test.csv multilabel_loss=asl
+  keel finetune --resume runs/finetune-full-resnet18_cifar-digits-<time>   # after a crash: same run, exactly
 
 configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
 in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=FINETUNE_EPILOG.format(keys=_finetune_keys()), formatter_class=fmt)
     ft.add_argument("-c", "--config", help="YAML config file (see the keys below)")
     ft.add_argument("--out", metavar="RUN_DIR", help="run directory (default: out_dir/<generated name>)")
+    ft.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue a run exactly from its last checkpoint (end of its last finished epoch), "
+                         "with the run's own config.yaml")
     ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=20 mode=partial")
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
@@ -357,11 +361,17 @@ def _suite(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from keel.evaluate.finetune import FinetuneConfig, run_finetune
-    cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
-    from keel.evaluate.finetune import default_run_dir
-    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-    res = run_finetune(cfg, run_dir)
+    from keel.evaluate.finetune import FinetuneConfig, default_run_dir, run_finetune
+    if args.resume:
+        if args.config or args.out or args.overrides:
+            raise ConfigError("--resume continues a run with its own config.yaml and directory: "
+                              "give no -c/--config, --out or key=value with it")
+        run_dir = Path(args.resume)
+        res = run_finetune(None, run_dir, resume=True)
+    else:
+        cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        res = run_finetune(cfg, run_dir)
     if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports (and wrote run_dir)
         return 0
     key = res["main_metric"]

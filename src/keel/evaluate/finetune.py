@@ -52,11 +52,21 @@ Mixup/CutMix (pairs and lambda within the share) and drop-path draw from per-ran
 random alike but not the same draws. Undecodable images of a folder are replaced by the share's
 decodable ones (as pretraining does) instead of dropped, so the ranks keep stepping together.
 
+Resuming (``finetune(..., resume=True)``, ``run_finetune(None, run_dir, resume=True)``, ``keel
+finetune --resume RUN_DIR``): at the end of every epoch, after its evaluation, rank 0 writes
+``checkpoints/last.pt`` atomically: the model (backbone, feature norm, head), the optimizer, the
+EMA, the epoch and step, the data/view generator, every rank's torch RNG (drop-path) and own
+generator, the best epochs and the metric history. A resumed run loads it on every rank (with
+``weights_only``: no code runs), rewrites metrics.jsonl from the history and goes on from the next
+epoch: on the same device and threads it ends with the weights, metrics and files of an unbroken
+run (only ``time_s``/``seconds`` differ). A finished run (result.json written) returns its result.
+
 Artifacts in ``run_dir``: ``config.yaml`` (the FinetuneConfig), ``metrics.jsonl`` (one line per
-epoch), ``classifier.safetensors`` (backbone + head after the last epoch, keys ``backbone.*`` and
-``head.*``), ``classifier_best.safetensors`` (the same at the best epoch), ``result.json`` and
-``curves.png``; with ``model_ema`` also ``classifier_ema.safetensors`` (the EMA after the last
-epoch). config.yaml holds the values used, a recipe's filled in.
+epoch), ``checkpoints/last.pt`` (see above), ``classifier.safetensors`` (backbone + head after the
+last epoch, keys ``backbone.*`` and ``head.*``), ``classifier_best.safetensors`` (the same at
+the best epoch), ``result.json`` and ``curves.png``; with ``model_ema`` also
+``classifier_ema.safetensors`` (the EMA after the last epoch). config.yaml holds the values used,
+a recipe's filled in.
 """
 from __future__ import annotations
 
@@ -73,11 +83,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from keel.config import ConfigError, save_config
+from keel.config import ConfigError, load_config, save_config, to_dict
 from keel.data.recipes import MixupCutmix, RecipeAugment, parse_randaugment, repeated_batches
 from keel.data.sources import collate_skip
 from keel.data.views import BatchAugment, ViewConfig
-from keel.engine.checkpoint import atomic_write
+from keel.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from keel.engine import distributed as D
 from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, layer_id_of, num_layers, step_lr
 from keel.engine.trainer import _seed_for
@@ -497,9 +507,46 @@ def _plot_curves(history: list[dict], main_metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+_CHECKPOINT = Path("checkpoints") / "last.pt"
+_RESULT_ONLY = ("num_workers", "out_dir")     # config keys a resumed run may differ in
+
+
+def _rank_rng(gen: torch.Generator, rank_gen: torch.Generator, device: torch.device) -> dict[str, list]:
+    """Every rank's own random streams, gathered (a collective under torchrun): the torch CPU RNG
+    (drop-path), CUDA's on GPU, and the rank's generator when it is not the shared one. Each value
+    is a list with one state per rank."""
+    own = {"torch": torch.get_rng_state()}
+    if rank_gen is not gen:
+        own["rank_gen"] = rank_gen.get_state()
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    if D.world_size() == 1:
+        return {k: [v] for k, v in own.items()}
+    # the collectives move device tensors (NCCL: GPU only); every state has the same length
+    # (each row cloned: a view into the gathered tensor would be saved with the whole of it)
+    return {k: [row.clone() for row in D.all_gather_cat(v.to(device).unsqueeze(0)).cpu()] for k, v in own.items()}
+
+
+def _read_resume(run_dir: Path) -> dict:
+    """The fine-tuning checkpoint of ``run_dir``, with one-line errors naming the file."""
+    path = run_dir / _CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: no checkpoint at '{path}' (the run ended before its "
+                                "first epoch did; start it again)")
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:            # truncated, not a torch file, or holding objects weights_only refuses
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"'{path}' is not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or state.get("kind") != "finetune":
+        raise ValueError(f"'{path}' is not a keel finetune checkpoint")
+    return state
+
+
 # ---------------------------------------------------------------------------------- the loop
 def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: Task | None = None,
-             run_dir: str | Path | None = None, progress: bool = True, teacher: nn.Module | None = None) -> dict:
+             run_dir: str | Path | None = None, progress: bool = True, teacher: nn.Module | None = None,
+             resume: bool = False) -> dict:
     """Fine-tune ``backbone`` (in place, like MAE) with a head from ``task`` (default: classification
     over the datasets' labels) and return ``{"best": {"epoch", **metrics}, "final": {...},
     "main_metric", ...}`` plus ``"classifier"``, the trained :class:`Classifier` (left out of
@@ -511,7 +558,13 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     ``cfg.teacher`` (:func:`keel.evaluate.distill.load_teacher`); the epoch records then carry
     ``base_loss`` and ``distill_loss`` too. With ``cfg.model_ema`` every evaluation also scores the
     EMA (``ema_<metric>``), the result has ``"best_ema"`` (its best epoch, by its own main metric)
-    and ``"ema_classifier"`` (the EMA model, left out of result.json)."""
+    and ``"ema_classifier"`` (the EMA model, left out of result.json).
+
+    With ``resume`` (``run_dir`` needed) the run continues from ``run_dir/checkpoints/last.pt``,
+    written at the end of every epoch: call it with the same backbone (its initial weights do not
+    matter, they are replaced), data and config (checked against the checkpoint's) and the same
+    number of processes. A run whose last epoch is done and whose result.json exists is not trained
+    again: its saved result comes back, with the checkpoint's classifier (and EMA)."""
     # Under torchrun this process joins the group (nothing happens for one process, or when the
     # group exists already). Only rank 0 prints, shows progress and writes run_dir.
     device = D.init_distributed(cfg.device).device
@@ -519,6 +572,8 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     progress = progress and rank == 0
     cfg = apply_recipe(cfg, verbose=progress)
     _check(cfg)
+    if resume and run_dir is None:
+        raise ConfigError("resume=True needs the run_dir to resume")
     if world > 1 and len(test_ds) < world:
         raise ConfigError(f"{len(test_ds)} test images cannot be shared by {world} processes")
     t0 = time.perf_counter()
@@ -571,6 +626,31 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         optimizer = torch.optim.AdamW(groups, lr=base_lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum)
+    state = None
+    if resume:
+        # every rank reads the same file (written by rank 0), before DDP wraps the model
+        state = _read_resume(Path(run_dir))
+        saved, now = state["config"], to_dict(cfg)
+        differ = sorted(k for k in set(saved) | set(now) if k not in _RESULT_ONLY and saved.get(k) != now.get(k))
+        if differ:
+            raise ConfigError(f"the checkpoint in '{run_dir}' was made with other values of "
+                              f"{', '.join(differ)}: resume with the run's own config.yaml")
+        if state["world_size"] != world:
+            raise ConfigError(f"the checkpoint in '{run_dir}' was made by {state['world_size']} process(es): "
+                              f"resume with as many, not {world}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if state["epoch"] == cfg.epochs and (Path(run_dir) / "result.json").is_file():
+            for p, flag in was_trainable:
+                p.requires_grad_(flag)
+            if progress:
+                print(f"'{run_dir}' is complete ({cfg.epochs} epochs): nothing to train")
+            out = dict(json.loads((Path(run_dir) / "result.json").read_text()), classifier=model)
+            if ema is not None:
+                out["ema_classifier"] = ema
+            return out
 
     # Each epoch is cut into ceil(n / batch_size) batches of near-equal size: no image is left out
     # and no batch is tiny (BatchNorm needs a few images). The lr scales with the configured batch
@@ -605,22 +685,41 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
 
+    history: list[dict] = []
+    best: dict | None = None
+    best_ema: dict | None = None
+    step, start_epoch, seconds_before = 0, 0, 0.0
+    if state is not None:
+        history, best, best_ema = state["history"], state["best"], state["best_ema"]
+        step, start_epoch, seconds_before = state["step"], state["epoch"], state["seconds"]
+        # the random streams as they were after that epoch: the data order and views (shared),
+        # and this rank's own (drop-path, a recipe's per-image draws)
+        gen.set_state(state["gen"])
+        rng = state["rng"]
+        # (cloned: the setters want a tensor of its own, not a view with an offset)
+        torch.set_rng_state(rng["torch"][rank].clone())
+        if "rank_gen" in rng:
+            rank_gen.set_state(rng["rank_gen"][rank].clone())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][rank].clone(), device)
+        if progress:
+            print(f"resumed '{run_dir}' after epoch {start_epoch} of {cfg.epochs} (step {step})")
     metrics_file = None
     writes = run_dir is not None and rank == 0
     if writes:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        # a resumed run keeps the lines of the epochs it keeps (lines of a redone epoch go)
         metrics_file = open(run_dir / "metrics.jsonl", "w")
+        metrics_file.writelines(json.dumps(rec) + "\n" for rec in history)
+        metrics_file.flush()
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, desc=f"finetune ({cfg.mode})", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=step, desc=f"finetune ({cfg.mode})", unit="step", dynamic_ncols=True,
                disable=not progress, mininterval=1.0)
-    history: list[dict] = []
-    best: dict | None = None
-    best_ema: dict | None = None
-    step, cur_lr = 0, lr_at(0)
+    cur_lr = lr_at(step)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
             _train_mode(model, frozen)
             if cfg.repeated_aug > 1:
                 index_batches = repeated_batches(n, steps_per_epoch, cfg.repeated_aug, gen)
@@ -704,11 +803,20 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
                         _save_classifier(model, run_dir / "classifier_best.safetensors",
                                          {"epoch": epoch, task.main_metric: rec[task.main_metric]})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{task.main_metric: f"{rec[task.main_metric]:.2f}"})
-            rec["time_s"] = round(time.perf_counter() - t0, 2)
+            rec["time_s"] = round(seconds_before + time.perf_counter() - t0, 2)
             history.append(rec)
             if metrics_file:
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
+            if run_dir is not None:
+                rng = _rank_rng(gen, rank_gen, device)          # a collective: every rank takes part
+                if writes:
+                    save_checkpoint(run_dir / _CHECKPOINT, {
+                        "kind": "finetune", "epoch": epoch, "step": step, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "gen": gen.get_state(), "rng": rng, "best": best, "best_ema": best_ema,
+                        "history": history, "config": to_dict(cfg), "world_size": world,
+                        "seconds": seconds_before + time.perf_counter() - t0})
     finally:
         bar.close()
         if metrics_file:
@@ -727,7 +835,7 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
         "train_images": n,
         "test_images": len(test_ds),
         "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
-        "seconds": round(_slowest(time.perf_counter() - t0, device), 2),
+        "seconds": round(_slowest(seconds_before + time.perf_counter() - t0, device), 2),
     }
     if cfg.recipe:
         result["recipe"] = cfg.recipe
@@ -885,12 +993,32 @@ def default_run_dir(cfg: FinetuneConfig) -> Path:
                                          Path(cfg.source).name or "data", time.strftime("%Y%m%d-%H%M%S")])
 
 
-def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
+def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, progress: bool = True,
+                 resume: bool = False) -> dict:
     """Everything from a config: load ``cfg.backbone``, the labeled data of ``cfg.source``
     (:func:`labeled_data`), then :func:`finetune` into ``run_dir`` (default: a new folder under
     ``cfg.out_dir``). Under torchrun every process runs this: it joins the process group (NCCL on
     GPU, gloo on CPU) and leaves it at the end if it was the one to create it; rank 0 prints and
-    writes ``run_dir`` (the default's time stamp is then rank 0's clock)."""
+    writes ``run_dir`` (the default's time stamp is then rank 0's clock).
+
+    ``resume``: continue the run in ``run_dir`` from its last checkpoint, with the config.yaml saved
+    there (``cfg`` None, or the same config: another one is refused). A finished run is not
+    trained again; its result.json comes back."""
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume needs the run directory")
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"'{run_dir}' is not a finetune run directory (no config.yaml in it)")
+        if not (run_dir / _CHECKPOINT).is_file():
+            raise FileNotFoundError(f"nothing to resume: no checkpoint at '{run_dir / _CHECKPOINT}' (the run ended "
+                                    "before its first epoch did; start it again)")
+        saved = load_config(run_dir / "config.yaml", cls=FinetuneConfig)
+        if cfg is not None and cfg != saved and apply_recipe(cfg, verbose=False) != saved:
+            raise ConfigError(f"resuming '{run_dir}' uses its own config.yaml: pass no other config")
+        cfg = saved
+    elif cfg is None:
+        raise ConfigError("no config given (cfg=None is for resume=True)")
     if not cfg.backbone:
         raise ConfigError("backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     _check(cfg)
@@ -899,13 +1027,13 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None = None, progres
     D.init_distributed(cfg.device)
     created = created and dist.is_initialized()
     try:
-        return _run_finetune(cfg, run_dir, progress and D.rank() == 0)
+        return _run_finetune(cfg, run_dir, progress and D.rank() == 0, resume)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: bool) -> dict:
+def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: bool, resume: bool = False) -> dict:
     train_ds, test_ds, task = labeled_data(cfg)
     if cfg.recipe == "bit":
         size = cfg.img_size
@@ -918,7 +1046,7 @@ def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: boo
             train_ds, test_ds, task = labeled_data(cfg)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
     result = finetune(backbone, train_ds, test_ds, cfg, task=task, run_dir=run_dir or default_run_dir(cfg),
-                      progress=progress)
+                      progress=progress, resume=resume)
     return result
 
 
