@@ -428,3 +428,10 @@ def test_a_two_level_csv_with_its_own_test_file_shares_the_class_index(tmp_path)
         ft.labeled_data(ft.replace(cfg, test_source=str(tmp_path / "ml.csv")))
     with pytest.raises(ft.ConfigError, match="test_source is for a CSV"):
         ft.labeled_data(ft.replace(cfg, source="digits"))
+
+
+def test_default_run_dir_names_the_backbone_and_the_data():
+    name = ft.default_run_dir(FinetuneConfig(backbone="runs/simclr-x/", source="/data/tags.csv", mode="linear")).name
+    assert name.startswith("finetune-linear-simclr-x-tags-")
+    name = ft.default_run_dir(FinetuneConfig(backbone="random:resnet10_cifar", source="digits")).name
+    assert name.startswith("finetune-full-resnet10_cifar-digits-")

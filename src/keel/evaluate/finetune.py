@@ -989,8 +989,9 @@ def _finetuned_backbone(weights: Path, config: Path, img_size: int) -> nn.Module
 def default_run_dir(cfg: FinetuneConfig) -> Path:
     what = cfg.backbone.rstrip("/").split(":")[1] if cfg.backbone.startswith(("timm:", "random:")) \
         else Path(cfg.backbone.rstrip("/")).name
-    return Path(cfg.out_dir) / "-".join(["finetune", cfg.mode, what or "backbone",
-                                         Path(cfg.source).name or "data", time.strftime("%Y%m%d-%H%M%S")])
+    data = Path(cfg.source).stem if str(cfg.source).lower().endswith(".csv") else Path(cfg.source).name
+    return Path(cfg.out_dir) / "-".join(["finetune", cfg.mode, what or "backbone", data or "data",
+                                         time.strftime("%Y%m%d-%H%M%S")])
 
 
 def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, progress: bool = True,
