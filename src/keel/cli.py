@@ -128,6 +128,7 @@ examples:
   keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides
   keel finetune backbone=runs/my-run source=tags.csv test_source=tags-test.csv multilabel_loss=asl
   keel finetune --resume runs/finetune-full-resnet18_cifar-digits-<time>   # after a crash: same run, exactly
+  torchrun --nproc_per_node=8 -m keel finetune backbone=runs/my-run source=path/to/labeled batch_size=1024
 
 configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
 in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
