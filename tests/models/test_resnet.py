@@ -115,3 +115,21 @@ def test_gradients_reach_the_stem():
     (m(torch.randn(4, 3, 16, 16)) * torch.randn(4, 32)).sum().backward()
     stem_conv = m.stem[0]
     assert stem_conv.weight.grad is not None and stem_conv.weight.grad.abs().sum() > 0
+
+
+def test_cpu_channels_last_changes_the_layout_not_the_numbers():
+    torch.manual_seed(0)
+    nhwc = keel.create_model("resnet10_cifar", widths=(8, 16, 16, 32)).train()
+    nchw = keel.create_model("resnet10_cifar", widths=(8, 16, 16, 32), cpu_channels_last=False).train()
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.cfg.cpu_channels_last and not nchw.cfg.cpu_channels_last
+    x = torch.randn(4, 3, 16, 16)
+    maps_l, maps_c = nhwc.feature_maps(x), nchw.feature_maps(x)
+    assert maps_l[0].is_contiguous(memory_format=torch.channels_last) and maps_c[0].is_contiguous()
+    for a, b in zip(maps_l, maps_c, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)       # only the summation order differs
+    # gradients too (the backward is where most of the time goes)
+    nhwc.embed(x).pow(2).sum().backward()
+    nchw.embed(x).pow(2).sum().backward()
+    for (n, a), b in zip(nhwc.named_parameters(), nchw.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)

