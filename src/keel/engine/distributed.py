@@ -133,3 +133,12 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(flat, src)
         for b, v in zip(same, flat.split([b.numel() for b in same])):
             b.copy_(v.view_as(b))
+
+
+def seed_for(*parts: int) -> int:
+    """A seed for the random stream of (seed, step, rank, ...): a fixed mixing of the parts, so
+    every process and step gets a distinct, stable stream without Python's hash()."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = ((h ^ (p + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+    return h

@@ -29,14 +29,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, ...); the message says what to do."""
 
 
-def _seed_for(*parts: int) -> int:
-    # A fixed mixing of (seed, step, rank): distinct, stable streams without Python's hash().
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = ((h ^ (p + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
-    return h
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False):
         self.cfg = cfg
@@ -56,7 +48,7 @@ class Trainer:
     def _epoch_batches(self, n: int, epoch: int) -> list[torch.Tensor]:
         """This rank's index batches for one epoch: a seeded permutation, split across ranks."""
         bs, world = self.cfg.train.batch_size, self.dist.world_size
-        g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, epoch))
+        g = torch.Generator().manual_seed(D.seed_for(self.cfg.train.seed, epoch))
         perm = torch.randperm(n, generator=g)
         steps = n // bs
         local = bs // world
@@ -169,8 +161,8 @@ class Trainer:
                 epoch, skip = divmod(step, steps_per_epoch)
                 batches = self._epoch_batches(len(data), epoch)[skip:]
                 for images in self._batches(data, batches):
-                    gen = torch.Generator().manual_seed(_seed_for(tc.seed, step, self.dist.rank))
-                    torch.manual_seed(_seed_for(tc.seed, step, self.dist.rank, 1))
+                    gen = torch.Generator().manual_seed(D.seed_for(tc.seed, step, self.dist.rank))
+                    torch.manual_seed(D.seed_for(tc.seed, step, self.dist.rank, 1))
                     cur_lr = cosine_lr(step, total_steps, lr, warmup_steps, tc.min_lr)
                     for g in optimizer.param_groups:
                         g["lr"] = cur_lr

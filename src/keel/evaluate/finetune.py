@@ -90,7 +90,6 @@ from keel.data.views import BatchAugment, ViewConfig
 from keel.engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from keel.engine import distributed as D
 from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, layer_id_of, num_layers, step_lr
-from keel.engine.trainer import _seed_for
 from keel.evaluate.distill import DISTILL_KINDS, distillation_loss, load_teacher
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
@@ -614,8 +613,8 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     # operations, Mixup/CutMix) comes from streams of its own, so ranks do not repeat each other.
     rank_gen = gen
     if world > 1:
-        rank_gen = torch.Generator().manual_seed(_seed_for(cfg.seed, rank))
-        torch.manual_seed(_seed_for(cfg.seed, rank, 1))
+        rank_gen = torch.Generator().manual_seed(D.seed_for(cfg.seed, rank))
+        torch.manual_seed(D.seed_for(cfg.seed, rank, 1))
     ema = None
     if cfg.model_ema > 0:
         ema = copy.deepcopy(model).eval()
