@@ -164,6 +164,31 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
 
 
+def _outputs(module: nn.Module, fn, test_ds, img_size: int, conditions, seed: int, batch_size: int, device,
+             amp_dtype, num_workers: int) -> tuple[dict, torch.Tensor]:
+    """``fn`` (``module`` or one of its methods) on the normalised clean test split and on each
+    shifted copy, in eval mode (each module's train/eval flag restored afterwards):
+    ``({None: clean outputs, (shift, severity): outputs, ...}, labels)``, float32 on the CPU.
+    Batch ``b`` is shifted with seed ``seed + b``."""
+    device = torch.device(device)
+    transform = make_eval_transform(img_size)
+    saved = [(m, m.training) for m in module.modules()]
+    module.eval()
+    outputs: dict = {c: [] for c in [None, *conditions]}
+    targets = []
+    try:
+        for b, (images, labels) in enumerate(_batches(test_ds, batch_size, num_workers)):
+            for cond in outputs:
+                x = images if cond is None else shift(images, cond[0], cond[1], seed=seed + b)
+                with _autocast(device, amp_dtype):
+                    outputs[cond].append(fn(transform(x.to(device))).float().cpu())
+            targets.append(labels)
+    finally:
+        for m, flag in saved:
+            m.training = flag
+    return {c: torch.cat(v) for c, v in outputs.items()}, torch.cat(targets)
+
+
 @torch.no_grad()
 def robustness(classifier: nn.Module, test_ds, img_size: int, shifts: Sequence[str] = SHIFTS,
                severities: Sequence[int] = (3,), seed: int = 0, batch_size: int = 256, device="cpu",
@@ -173,25 +198,9 @@ def robustness(classifier: nn.Module, test_ds, img_size: int, shifts: Sequence[s
     ``{"clean": top1, "noise": {3: top1}, ..., "mean_shifted": mean over the shifted copies}``.
     The clean number equals fine-tuning's own evaluation of the same classifier. Each module's
     train/eval flag is restored afterwards."""
-    conditions = _conditions(shifts, severities)
-    device = torch.device(device)
-    transform = make_eval_transform(img_size)
-    saved = [(m, m.training) for m in classifier.modules()]
-    classifier.eval()
-    logits: dict = {c: [] for c in [None, *conditions]}
-    targets = []
-    try:
-        for b, (images, labels) in enumerate(_batches(test_ds, batch_size, num_workers)):
-            for cond in logits:
-                x = images if cond is None else shift(images, cond[0], cond[1], seed=seed + b)
-                with _autocast(device, amp_dtype):
-                    logits[cond].append(classifier(transform(x.to(device))).float().cpu())
-            targets.append(labels)
-    finally:
-        for m, flag in saved:
-            m.training = flag
-    y = torch.cat(targets)
-    top1 = {c: float(accuracy_topk(torch.cat(v), y, (1,))[1]) for c, v in logits.items()}
+    logits, y = _outputs(classifier, classifier, test_ds, img_size, _conditions(shifts, severities), seed,
+                         batch_size, device, amp_dtype, num_workers)
+    top1 = {c: float(accuracy_topk(v, y, (1,))[1]) for c, v in logits.items()}
     return _nest(top1.pop(None), top1)
 
 
@@ -204,26 +213,10 @@ def robustness_knn(backbone: nn.Module, test_ds, img_size: int, train_features: 
     split's features against ``train_features = (features, labels)`` of the clean training split
     (as :func:`keel.evaluate.features.extract_features` returns them). Same layout as
     :func:`robustness`; ``"clean"`` equals ``evaluate_frozen``'s ``knn_top1@k``."""
-    conditions = _conditions(shifts, severities)
-    device = torch.device(device)
-    transform = make_eval_transform(img_size)
     xtr, ytr = train_features
-    saved = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
-    feats: dict = {c: [] for c in [None, *conditions]}
-    targets = []
-    try:
-        for b, (images, labels) in enumerate(_batches(test_ds, batch_size, num_workers)):
-            for cond in feats:
-                x = images if cond is None else shift(images, cond[0], cond[1], seed=seed + b)
-                with _autocast(device, amp_dtype):
-                    feats[cond].append(backbone.embed(transform(x.to(device))).float().cpu())
-            targets.append(labels)
-    finally:
-        for m, flag in saved:
-            m.training = flag
-    y = torch.cat(targets)
+    feats, y = _outputs(backbone, backbone.embed, test_ds, img_size, _conditions(shifts, severities), seed,
+                        batch_size, device, amp_dtype, num_workers)
     num_classes = int(max(ytr.max(), y.max())) + 1
-    top1 = {c: float(knn_eval(xtr, ytr, torch.cat(v), y, ks=(k,), temperature=temperature,
+    top1 = {c: float(knn_eval(xtr, ytr, v, y, ks=(k,), temperature=temperature,
                               num_classes=num_classes)[f"knn_top1@{k}"]) for c, v in feats.items()}
     return _nest(top1.pop(None), top1)
