@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from keel.data.sources import build_dataset
-from keel.evaluate.fewshot import sample_shots
 from keel.evaluate.finetune import FinetuneConfig, bit_recipe, finetune, load_for_finetune, run_finetune
+from keel.evaluate.suite import sample_fraction
 from keel.models.registry import create_model
 
 
@@ -37,9 +37,7 @@ def labels_experiment(ssl: str, fractions: list[float], epochs: list[int], size:
     test = build_dataset("fashion-mnist", "test", size, labeled=True)
     rows = []
     for frac, ep in zip(fractions, epochs):
-        per_class = max(1, round(frac * len(train) / 10))
-        (idx,) = sample_shots(train.labels, per_class, draws=1, seed=0)
-        sub = train.subset(idx)
+        sub = train.subset(sample_fraction(train.labels, frac, seed=0))   # the suite's --label-fractions subset
         cfg = FinetuneConfig(img_size=size, epochs=ep, warmup_epochs=min(5.0, ep / 5), lr=2e-3, eval_every=0,
                              batch_size=128, device="auto", num_workers=0)
         for name, spec in (("ssl", ssl), ("scratch", "random:" + _model_of(ssl))):
