@@ -125,7 +125,9 @@ examples:
   keel finetune backbone=random:deit_tiny_patch16 source=path/to/labeled img_size=224 recipe=deit epochs=300
   keel finetune backbone=runs/my-run source=digits recipe=deit teacher=runs/finetune-full-resnet18 distill=hard
   keel finetune backbone=random:resnetv2_50x1_bit source=path/to/big recipe=bit-upstream epochs=90
-  keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides
+  keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides; the lr
+                                               # is picked on held-out training images (lr=0.0015: BiT's own)
+  keel finetune backbone=runs/my-run source=digits lr_search=[0.0005,0.005,0.05]   # best on held-out images
   keel finetune backbone=runs/my-run source=tags.csv test_source=tags-test.csv multilabel_loss=asl
   keel finetune --resume runs/finetune-full-resnet18_cifar-digits-<time>   # after a crash: same run, exactly
   torchrun --nproc_per_node=8 -m keel finetune backbone=runs/my-run source=path/to/labeled batch_size=1024
@@ -193,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="suite: which protocols to run (default: all)")
     ev.add_argument("--finetune-epochs", type=int, default=10, help="suite: epochs of the short fine-tuning (default: 10)")
     ev.add_argument("--hyperrule", action="store_true",
-                    help="suite: fine-tune with BiT-HyperRule's schedule (SGD, steps by dataset size) instead")
+                    help="suite: fine-tune with BiT-HyperRule's schedule (SGD, steps by dataset size) and "
+                         "its fixed lr instead (no lr search: one run per dataset and checkpoint)")
     ev.add_argument("--hyperrule-scale", type=float, default=1.0,
                     help="suite: multiply BiT-HyperRule's step counts, e.g. 0.1 for a quick look (default: 1)")
     ev.add_argument("--severity", type=int, default=3, help="suite: corruption severity 1..5 for robustness (default: 3)")
@@ -376,6 +379,10 @@ def cmd_finetune(args) -> int:
     if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports (and wrote run_dir)
         return 0
     key = res["main_metric"]
+    if "lr_search" in res:
+        search = res["lr_search"]
+        print(f"lr search on {search['holdout']} held-out training images: "
+              + ", ".join(f"{lr} -> {v:.2f}" for lr, v in search["scores"].items()) + f"; chose {search['chosen']:g}")
     print(f"done: {res['mode']} fine-tuning, {res['steps']} steps; {key} {res['final'][key]:.2f} at the end, "
           f"{res['best'][key]:.2f} at best (epoch {res['best']['epoch']}, chosen on the test split)\n"
           f"classifier: {run_dir}/classifier.safetensors")

@@ -122,6 +122,9 @@ class FinetuneConfig:
     batch_size: int = 128           # an epoch is ceil(n / batch_size) near-equal batches
     optimizer: str = "adamw"        # adamw | sgd
     lr: float | None = None         # base lr for a batch of 256, scaled linearly (None: adamw 5e-4, sgd 0.01)
+    lr_search: list[float] = field(default_factory=list)  # lrs to try on held-out training images first
+                                    # (keel.evaluate.lr_search); the best one trains; [] = off
+    lr_search_holdout: float = 0.2  # lr_search: fraction of each class's training images held out
     weight_decay: float | None = None  # None: adamw 0.05, sgd 0; never on norms, biases, tokens
     momentum: float = 0.9           # sgd only
     schedule: str = "cosine"        # cosine (to zero) | step (x0.1 at each milestone)
@@ -357,6 +360,12 @@ def _check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"repeated_aug must be between 1 and batch_size, got {cfg.repeated_aug}")
     if cfg.teacher and cfg.distill == "none":
         raise ConfigError("a teacher is set but distill=none: choose distill=hard or distill=soft")
+    if cfg.lr_search and cfg.lr is not None:
+        raise ConfigError("set lr or lr_search, not both (lr_search chooses the lr)")
+    if any(not v > 0 for v in cfg.lr_search):
+        raise ConfigError(f"lr_search lists learning rates > 0, got {cfg.lr_search}")
+    if not 0.0 < cfg.lr_search_holdout < 1.0:
+        raise ConfigError(f"lr_search_holdout is a fraction in (0, 1), got {cfg.lr_search_holdout}")
 
 
 def _num_classes(train_ds, test_ds) -> int:
@@ -571,6 +580,9 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task: 
     progress = progress and rank == 0
     cfg = apply_recipe(cfg, verbose=progress)
     _check(cfg)
+    if cfg.lr_search:
+        raise ConfigError("lr_search is run_finetune's (or keel.evaluate.lr_search.search_lr's): finetune() "
+                          "trains one lr")
     if resume and run_dir is None:
         raise ConfigError("resume=True needs the run_dir to resume")
     if world > 1 and len(test_ds) < world:
@@ -1003,17 +1015,29 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
 
     ``resume``: continue the run in ``run_dir`` from its last checkpoint, with the config.yaml saved
     there (``cfg`` None, or the same config: another one is refused). A finished run is not
-    trained again; its result.json comes back."""
+    trained again; its result.json comes back.
+
+    ``cfg.lr_search`` (filled by ``recipe=bit`` when ``lr`` is unset): the lr is first chosen on
+    held-out training images (:mod:`keel.evaluate.lr_search`, files under ``run_dir/lr-search``);
+    the result then has ``"lr_search"`` (the scores and the chosen lr). Resuming a run stopped
+    during the search keeps the candidates already scored and resumes the one that was running."""
+    from keel.evaluate.lr_search import search_config_path
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs the run directory")
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
+        searched = search_config_path(run_dir)
+        # stopped during the lr search, or after it before the final run's first epoch ended:
+        # the search goes on from its scores, then the final run starts
+        if not (run_dir / _CHECKPOINT).is_file() and searched.is_file():
+            saved = load_config(searched, cls=FinetuneConfig)
+        elif not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"'{run_dir}' is not a finetune run directory (no config.yaml in it)")
-        if not (run_dir / _CHECKPOINT).is_file():
+        elif not (run_dir / _CHECKPOINT).is_file():
             raise FileNotFoundError(f"nothing to resume: no checkpoint at '{run_dir / _CHECKPOINT}' (the run ended "
                                     "before its first epoch did; start it again)")
-        saved = load_config(run_dir / "config.yaml", cls=FinetuneConfig)
+        else:
+            saved = load_config(run_dir / "config.yaml", cls=FinetuneConfig)
         if cfg is not None and cfg != saved and apply_recipe(cfg, verbose=False) != saved:
             raise ConfigError(f"resuming '{run_dir}' uses its own config.yaml: pass no other config")
         cfg = saved
@@ -1044,9 +1068,16 @@ def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: boo
             cfg = replace(cfg, mixup=0.0)
         if cfg.img_size != size:                                # decoded again at HyperRule's resolution
             train_ds, test_ds, task = labeled_data(cfg)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    if cfg.lr_search:
+        from keel.evaluate.lr_search import search_lr
+        cfg, _ = search_lr(cfg, train_ds, task, run_dir, progress, resume)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
-    result = finetune(backbone, train_ds, test_ds, cfg, task=task, run_dir=run_dir or default_run_dir(cfg),
-                      progress=progress, resume=resume)
+    result = finetune(backbone, train_ds, test_ds, cfg, task=task, run_dir=run_dir, progress=progress,
+                      resume=resume and (run_dir / _CHECKPOINT).is_file())
+    from keel.evaluate.lr_search import SEARCH_DIR
+    if (run_dir / SEARCH_DIR / "scores.json").is_file():
+        result["lr_search"] = json.loads((run_dir / SEARCH_DIR / "scores.json").read_text())
     return result
 
 
@@ -1098,7 +1129,11 @@ _NATIVE_SIDE = {"digits": 8, "fashion-mnist": 28}     # the built-ins' own image
 def bit_recipe(cfg: FinetuneConfig, progress: bool, train_ds=None) -> FinetuneConfig:
     """``recipe=bit``: BiT-HyperRule's choices from the training-set size and the images' own side
     (the first image's, for a folder or a CSV), printed with the reasons. ``train_ds``: the
-    training split when already loaded (else :func:`labeled_data` reads it)."""
+    training split when already loaded (else :func:`labeled_data` reads it).
+
+    The lr: the user's when set; else ``lr_search`` when set; else ``lr_search`` becomes
+    :data:`keel.evaluate.lr_search.BIT_LR_GRID` (in keel's per-256 unit), BiT's fixed 0.003 and
+    half-decade steps around it, and :func:`run_finetune` picks one on held-out training images."""
     from PIL import Image
 
     from keel.evaluate.hyperrule import hyperrule_config
@@ -1108,7 +1143,20 @@ def bit_recipe(cfg: FinetuneConfig, progress: bool, train_ds=None) -> FinetuneCo
     if side is None and getattr(train_ds, "paths", None):
         with Image.open(train_ds.paths[0]) as im:
             side = im.size[::-1]
+    user_lr = cfg.lr
     cfg, text = hyperrule_config(cfg, len(train_ds), side or cfg.img_size, max_side=cfg.recipe_max_side or None)
+    if user_lr is not None:
+        cfg = replace(cfg, lr=user_lr)
+        text += f"\n  lr: {user_lr:g} per 256, yours (lr=0.0015 is BiT's own 0.003 per 512)"
+    elif cfg.lr_search:
+        cfg = replace(cfg, lr=None)
+        text += f"\n  lr: chosen from your lr_search {cfg.lr_search} on held-out training images"
+    else:
+        from keel.evaluate.lr_search import BIT_LR_GRID
+        cfg = replace(cfg, lr=None, lr_search=[v * 256 / 512 for v in BIT_LR_GRID])
+        text += (f"\n  lr: instead of BiT's fixed 0.003, chosen from {', '.join(f'{v:g}' for v in BIT_LR_GRID)} "
+                 f"per 512 on {cfg.lr_search_holdout:g} of the training images held out (keel's one change to "
+                 "the rule, keel.evaluate.lr_search; lr=0.0015 per 256 keeps BiT's value)")
     if progress:
         print(text)
     return cfg
