@@ -76,10 +76,23 @@ def launch(script: str, task, world: int = 2, timeout: float = 180) -> list[dict
     """Run ``python script task`` in ``world`` processes with torchrun's environment (gloo on CPU),
     and return each rank's ``task/rank{r}.pt``. The script's worker joins the group through
     ``keel.engine.distributed.init_distributed("cpu")`` and saves its results there."""
+    from pathlib import Path
+
+    for _ in range(3):
+        procs, logs = _start_workers(script, task, world, timeout)
+        # _free_port's port can be taken by another process before rank 0 binds it: try another
+        if not (any(p.returncode for p in procs) and any("address already in use" in log.lower() for log in logs)):
+            break
+    if any(p.returncode for p in procs):
+        raise AssertionError("worker failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode})\n{log[-4000:]}"
+                                                             for r, (p, log) in enumerate(zip(procs, logs))))
+    return [torch.load(Path(task) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _start_workers(script: str, task, world: int, timeout: float):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     port = _free_port()
     procs = []
@@ -96,10 +109,7 @@ def launch(script: str, task, world: int = 2, timeout: float = 180) -> list[dict
             for q in procs:
                 q.kill()
             raise
-    if any(p.returncode for p in procs):
-        raise AssertionError("worker failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode})\n{log[-4000:]}"
-                                                             for r, (p, log) in enumerate(zip(procs, logs))))
-    return [torch.load(Path(task) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return procs, logs
 
 
 @pytest.fixture(scope="session")
