@@ -93,6 +93,7 @@ from keel.engine.optim import apply_lr, cosine_lr, layer_decay_param_groups, lay
 from keel.evaluate.distill import DISTILL_KINDS, distillation_loss, load_teacher
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
+from keel.evaluate.lr_search import BIT_LR_GRID, SEARCH_DIR, search_config_path, search_lr
 from keel.models.layers.drop import DropPath
 from keel.models.registry import family_of
 
@@ -1021,7 +1022,6 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
     held-out training images (:mod:`keel.evaluate.lr_search`, files under ``run_dir/lr-search``);
     the result then has ``"lr_search"`` (the scores and the chosen lr). Resuming a run stopped
     during the search keeps the candidates already scored and resumes the one that was running."""
-    from keel.evaluate.lr_search import search_config_path
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs the run directory")
@@ -1070,12 +1070,10 @@ def _run_finetune(cfg: FinetuneConfig, run_dir: str | Path | None, progress: boo
             train_ds, test_ds, task = labeled_data(cfg)
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     if cfg.lr_search:
-        from keel.evaluate.lr_search import search_lr
         cfg, _ = search_lr(cfg, train_ds, task, run_dir, progress, resume)
     backbone = load_for_finetune(cfg.backbone, cfg.img_size, seed=cfg.seed)
     result = finetune(backbone, train_ds, test_ds, cfg, task=task, run_dir=run_dir, progress=progress,
                       resume=resume and (run_dir / _CHECKPOINT).is_file())
-    from keel.evaluate.lr_search import SEARCH_DIR
     if (run_dir / SEARCH_DIR / "scores.json").is_file():
         result["lr_search"] = json.loads((run_dir / SEARCH_DIR / "scores.json").read_text())
     return result
@@ -1152,7 +1150,6 @@ def bit_recipe(cfg: FinetuneConfig, progress: bool, train_ds=None) -> FinetuneCo
         cfg = replace(cfg, lr=None)
         text += f"\n  lr: chosen from your lr_search {cfg.lr_search} on held-out training images"
     else:
-        from keel.evaluate.lr_search import BIT_LR_GRID
         cfg = replace(cfg, lr=None, lr_search=[v * 256 / 512 for v in BIT_LR_GRID])
         text += (f"\n  lr: instead of BiT's fixed 0.003, chosen from {', '.join(f'{v:g}' for v in BIT_LR_GRID)} "
                  f"per 512 on {cfg.lr_search_holdout:g} of the training images held out (keel's one change to "

@@ -72,13 +72,14 @@ def holdout_split(dataset, fraction: float, seed: int = 0):
         held = torch.cat(parts)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[held] = True
-    if mask.all() or not mask.any():
+    if not mask.any():                  # a class's last image always stays: only empty is possible
         raise ConfigError(f"{n} training images are too few to hold out {fraction:g} of them for the lr search")
     return dataset.subset(torch.arange(n)[~mask]), dataset.subset(torch.arange(n)[mask])
 
 
-def _read_scores(path: Path, holdout: int) -> dict:
-    if path.is_file():
+def _read_scores(path: Path, holdout: int, resume: bool) -> dict:
+    """The scores of a stopped search with the same held-out split (resume), else a new record."""
+    if resume and path.is_file():
         record = json.loads(path.read_text())
         if record.get("holdout") == holdout:
             return record
@@ -90,15 +91,16 @@ def search_lr(cfg, train_ds, task, run_dir: str | Path, progress: bool = True, r
     best lr and an empty lr_search, record)``; ``record`` is what ``scores.json`` holds. ``task``:
     as for :func:`~keel.evaluate.finetune.finetune` (None: single-label classification).
     ``resume``: keep the scores already in ``run_dir/lr-search/scores.json``."""
-    from keel.evaluate.finetune import _CHECKPOINT, _write_json, finetune, load_for_finetune
+    from keel.evaluate.finetune import _CHECKPOINT, _check, _write_json, finetune, load_for_finetune
+    _check(cfg)
     lrs = sorted({float(v) for v in cfg.lr_search})
-    if not lrs or min(lrs) <= 0:
-        raise ConfigError(f"lr_search lists learning rates > 0, got {cfg.lr_search}")
+    if not lrs:
+        raise ConfigError("lr_search is empty: list the learning rates to try")
     root = Path(run_dir) / SEARCH_DIR
     fit, held = holdout_split(train_ds, cfg.lr_search_holdout, cfg.seed)
     writes = D.rank() == 0
     path = root / "scores.json"
-    record = _read_scores(path, len(held)) if resume else {"holdout": len(held), "scores": {}, "chosen": None}
+    record = _read_scores(path, len(held), resume)
     if writes:
         root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, root / "config.yaml")
