@@ -19,6 +19,7 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --preset gpu          # one GPU: ResNet-18, full 60k, 32 px, bf16
     python benchmarks/ssl_methods.py --preset tiny         # smoke check of the script: ~5 min on 2 cores
     python benchmarks/ssl_methods.py --methods simclr,byol --no-lightly train.epochs=5
+    python benchmarks/ssl_methods.py --methods swav --no-keel train.epochs=20   # lightly's SwAV alone
 
 A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
@@ -506,6 +507,8 @@ def main():
                     help="keel methods, comma-separated; name@vit or name@cnn picks the backbone "
                          "(default: mae and simmim on the ViT, the others on the CNN)")
     ap.add_argument("--no-lightly", action="store_true", help="skip lightly's runs")
+    ap.add_argument("--no-keel", action="store_true",
+                    help="skip keel's runs (lightly's alone, e.g. to add them to an earlier --no-lightly run)")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
                     "(they come last: model.name=... would replace the ViT of mae/simmim too)")
@@ -521,6 +524,8 @@ def main():
     plan, skipped = [], []
     for item in items:
         method, _, where = item.partition("@")
+        if args.no_keel:
+            continue
         if available(method):
             plan.append(("keel", method, where == "vit" if where else method in NEEDS_VIT))
         else:
