@@ -108,7 +108,9 @@ METHOD_SETTINGS = {
                "method.momentum=0.99"],
     "simsiam": [],
     "rotation": [],
-    "mae": ["method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4"],  # a decoder for a tiny ViT
+    # a decoder for a tiny ViT; the exported feature is the mean of the patch tokens (MAE's
+    # fine-tuning choice): MAE never trains the class token directly
+    "mae": ["method.decoder_dim=128", "method.decoder_depth=2", "method.decoder_heads=4", "model.global_pool=avg"],
     "simmim": [],
 }
 NORMALIZE = {"mean": list(ViewConfig().mean), "std": list(ViewConfig().std)}  # what keel's eval uses

@@ -33,6 +33,7 @@ examples:
   keel pretrain                                          # SimCLR, ResNet-18 (CIFAR stem), digits
   keel pretrain data.source=fashion-mnist train.epochs=30 train.batch_size=512
   keel pretrain -c my_run.yaml model.name=vit_tiny_patch4_32
+  keel pretrain method.name=mae model.name=vit_tiny_patch4_32 model.global_pool=avg   # export the patch-token mean
   keel pretrain --resume runs/simclr-resnet18_cifar-digits-20260101-120000
   torchrun --nproc_per_node=4 -m keel pretrain data.source=/data/images   # several GPUs/processes
 

@@ -285,3 +285,38 @@ def test_pretrain_smoke(make_cfg, tmp_path):
     result = pretrain(cfg, run_dir=tmp_path / "run", quiet=True)
     assert result["steps"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
     assert (tmp_path / "run" / "backbone.safetensors").is_file()
+
+
+def test_pretrain_exports_the_patch_token_mean_with_global_pool_avg(make_cfg, tmp_path):
+    """``model.global_pool=avg`` rides on the backbone's card: the exported ViT's feature is the
+    mean of its patch tokens (not the class token), and the training itself is the same."""
+    from keel.engine.checkpoint import load_backbone, read_card
+    from keel.engine.pretrain import pretrain
+    args = ["method.name=mae", "model.name=vit_tiny_patch4_32", "data.img_size=16", "method.decoder_depth=1",
+            "method.decoder_dim=32", "method.decoder_heads=4", "train.batch_size=16", "data.subset=32",
+            "train.max_steps=2"]
+    pretrain(make_cfg(*args), run_dir=tmp_path / "token", quiet=True)
+    pretrain(make_cfg(*args, "model.global_pool=avg"), run_dir=tmp_path / "avg", quiet=True)
+    assert read_card(tmp_path / "avg")[1]["model_kwargs"]["global_pool"] == "avg"
+    token, avg = load_backbone(tmp_path / "token").eval(), load_backbone(tmp_path / "avg").eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = avg.forward_tokens(x)
+        for (name, a), b in zip(avg.state_dict().items(), token.state_dict().values()):
+            assert torch.equal(a, b), name  # pooling does not change what MAE trains
+        torch.testing.assert_close(avg(x), tokens[:, 1:].mean(1))
+        torch.testing.assert_close(token(x), tokens[:, 0])
+        assert not torch.allclose(avg(x), token(x))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.name=resnet10_cifar"], "only ViT and DeiT models"),
+    (["model.name=vit_tiny_patch4_32", "model.global_pool=max"], "must be token"),
+])
+def test_global_pool_is_checked_before_training(make_cfg, tmp_path, extra, message):
+    from keel.config import ConfigError
+    from keel.engine.pretrain import pretrain
+    cfg = make_cfg("model.global_pool=avg", *extra)
+    with pytest.raises(ConfigError, match=message):
+        pretrain(cfg, run_dir=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()

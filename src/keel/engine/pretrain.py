@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from keel.config import RunConfig, save_config
+from keel.config import ConfigError, RunConfig, save_config
 from keel.data.sources import DataError, build_dataset, labeled_splits
 from keel.engine.stages import export_final, stage_configs, stage_dir, stage_finished
 from keel.engine.trainer import Trainer, model_kwargs
 from keel.methods.base import build_method
-from keel.models.registry import create_model
+from keel.models.registry import create_model, family_of
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -56,11 +56,22 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     return dict(results[-1], run_dir=str(run_dir), stages=results)
 
 
+def check_pooling(cfg: RunConfig) -> None:
+    pool = cfg.model.global_pool
+    if pool and family_of(cfg.model.name) != "keel.models.vit":
+        raise ConfigError(f"model.global_pool={pool}: only ViT and DeiT models have a choice of feature; "
+                          f"{cfg.model.name} always averages its last map (leave model.global_pool unset)")
+    if pool not in ("", "token", "avg"):
+        raise ConfigError(f"model.global_pool must be token (the class token) or avg (mean of the patch "
+                          f"tokens), got {pool!r}")
+
+
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     data = build_dataset(cfg.data.source, "train", cfg.data.img_size, labeled=False,
                          subset=cfg.data.subset, seed=cfg.train.seed)
     monitor = monitor_data(cfg) if cfg.train.knn_every else None
+    check_pooling(cfg)
     torch.manual_seed(cfg.train.seed)
     backbone = create_model(cfg.model.name, **model_kwargs(cfg))
     method = build_method(cfg.method.name, backbone, cfg)

@@ -312,6 +312,8 @@ def model_kwargs(cfg: RunConfig) -> dict:
     kw = {"img_size": cfg.data.img_size}
     if cfg.model.drop_path_rate:
         kw["drop_path_rate"] = cfg.model.drop_path_rate
+    if cfg.model.global_pool:
+        kw["global_pool"] = cfg.model.global_pool
     return kw
 
 
