@@ -31,8 +31,8 @@ class ModelConfig:
     name: str = "resnet18_cifar"
     drop_path_rate: float = 0.0
     # ViT / DeiT only: the feature the backbone exports. "" keeps the model's own (the class
-    # token); "avg" is the mean of the patch tokens: MAE and SimMIM never train the class token
-    # directly, and their features are far better averaged (BENCHMARKS.md).
+    # token); "avg" is the mean of the patch tokens: MAE never trains the class token directly,
+    # and its features are far better averaged once trained (BENCHMARKS.md).
     global_pool: str = ""
 
 

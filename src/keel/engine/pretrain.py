@@ -68,10 +68,10 @@ def check_pooling(cfg: RunConfig) -> None:
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
+    check_pooling(cfg)
     data = build_dataset(cfg.data.source, "train", cfg.data.img_size, labeled=False,
                          subset=cfg.data.subset, seed=cfg.train.seed)
     monitor = monitor_data(cfg) if cfg.train.knn_every else None
-    check_pooling(cfg)
     torch.manual_seed(cfg.train.seed)
     backbone = create_model(cfg.model.name, **model_kwargs(cfg))
     method = build_method(cfg.method.name, backbone, cfg)

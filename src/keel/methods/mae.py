@@ -18,7 +18,8 @@ visible ones with the ViT, and let a light Transformer decoder draw the pixels o
 
 The class token gets no loss of its own (it only helps the decoder through attention), so export
 the mean of the patch tokens for evaluation and transfer: ``model.global_pool=avg``, as MAE's
-fine-tuning does. On Fashion-MNIST it is worth 5 points of kNN@200 (BENCHMARKS.md).
+fine-tuning does. After 6 epochs on Fashion-MNIST's 60k images it is worth 5 points of kNN@200;
+after a very short run (93 steps) the class token was 2.5 points ahead (BENCHMARKS.md).
 
 ViT backbones only (no windowed attention, no relative position bias: both are laid out on the
 full grid). The trainer owns the optimizer; the paper's pretraining setting is AdamW with
