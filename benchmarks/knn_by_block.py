@@ -26,17 +26,17 @@ from keel.models.vit import VisionTransformer  # noqa: E402
 
 @torch.no_grad()
 def block_features(vit: VisionTransformer, images: torch.Tensor, transform, batch: int = 500) -> list[torch.Tensor]:
-    """One (N, D) tensor per block: the mean of the patch tokens after that block."""
+    """One (N, D) tensor per block: the mean of the patch tokens after that block (caught by
+    forward hooks while the ViT runs its own forward)."""
     out: list[list[torch.Tensor]] = [[] for _ in vit.blocks]
-    for i in range(0, len(images), batch):
-        x = transform(images[i:i + batch])
-        hw = (x.shape[-2] // vit.cfg.patch_size, x.shape[-1] // vit.cfg.patch_size)
-        t = vit.patch_embed(x) + vit.pos_embed_for(*hw)
-        if vit.num_prefix_tokens:
-            t = torch.cat([vit.prefix_tokens(len(t)), t], dim=1)
-        for k, blk in enumerate(vit.blocks):
-            t = blk(t, hw)
-            out[k].append(t[:, vit.num_prefix_tokens:].mean(1))
+    hooks = [blk.register_forward_hook(lambda _m, _i, t, k=k: out[k].append(t[:, vit.num_prefix_tokens:].mean(1)))
+             for k, blk in enumerate(vit.blocks)]
+    try:
+        for i in range(0, len(images), batch):
+            vit.forward_tokens(transform(images[i:i + batch]))
+    finally:
+        for h in hooks:
+            h.remove()
     return [torch.cat(f) for f in out]
 
 

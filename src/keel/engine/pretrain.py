@@ -13,6 +13,7 @@ from keel.engine.stages import export_final, stage_configs, stage_dir, stage_fin
 from keel.engine.trainer import Trainer, model_kwargs
 from keel.methods.base import build_method
 from keel.models.registry import create_model, family_of
+from keel.models.vit import POOLS
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -61,7 +62,7 @@ def check_pooling(cfg: RunConfig) -> None:
     if pool and family_of(cfg.model.name) != "keel.models.vit":
         raise ConfigError(f"model.global_pool={pool}: only ViT and DeiT models have a choice of feature; "
                           f"{cfg.model.name} always averages its last map (leave model.global_pool unset)")
-    if pool not in ("", "token", "avg"):
+    if pool and pool not in POOLS:
         raise ConfigError(f"model.global_pool must be token (the class token) or avg (mean of the patch "
                           f"tokens), got {pool!r}")
 

@@ -57,6 +57,9 @@ from keel.models.layers.windows import pad_to_multiple, window_partition, window
 from keel.models.registry import register_model
 
 
+POOLS = ("token", "avg")   # what embed() returns: the class token | the mean of the patch tokens
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     img_size: int = 224
@@ -296,7 +299,7 @@ class VisionTransformer(nn.Module):
 
 
 def _check(cfg: ViTConfig) -> None:
-    if cfg.global_pool not in ("token", "avg"):
+    if cfg.global_pool not in POOLS:
         raise ValueError(f"global_pool must be 'token' or 'avg', not {cfg.global_pool!r}")
     if cfg.global_pool == "token" and not cfg.class_token:
         raise ValueError("global_pool='token' needs the class token; use global_pool='avg'")
