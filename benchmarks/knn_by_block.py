@@ -4,7 +4,7 @@ leaves its best features (MAE's get better with depth, SimMIM's worse; BENCHMARK
 The feature after block i is the mean of the patch tokens, without the final norm; the kNN bank
 and test images are those of ``ssl_methods.py``'s preset (Fashion-MNIST, cosine, t = 0.1).
 
-    python benchmarks/ssl_methods.py --preset cpu --methods simmim --no-lightly --out runs/simmim40 train.epochs=40
+    python benchmarks/ssl_methods.py --preset cpu --methods simmim@vit --no-lightly --out runs/simmim40 train.epochs=40
     python benchmarks/knn_by_block.py runs/simmim40/keel-simmim-vit
 """
 from __future__ import annotations

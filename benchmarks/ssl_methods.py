@@ -6,8 +6,11 @@ the 10k test images: kNN (cosine, t = 0.1, k = 200 and k = 20) and a linear prob
 training wall time, time per epoch, and peak memory. Baselines: the same backbones at random
 init (the very weights every run starts from) and raw pixels.
 
-Conv methods use the preset's CIFAR ResNet; MAE and SimMIM need a ViT, so they use a small ViT,
-and SimCLR runs on that ViT too as the contrastive reference for them (``simclr@vit``).
+Each run uses one of three backbones ("arch"): the preset's CIFAR ResNet (``cnn``) for the
+contrastive, clustering and distillation methods; a small ViT (``vit``) for MAE, which needs one,
+with SimCLR on that ViT too as the contrastive reference (``simclr@vit``); and the seed hybrid
+``keel_tiny`` at 32 px (``hybrid``, total stride 32) for SimMIM, the hierarchical backbone it is
+meant for (``simmim@vit`` runs it on the ViT instead). Every backbone used gets a random-init row.
 
 lightly's runs are plain loops written below from lightly's own heads, losses, schedules and
 transforms, on the same keel backbone (same initial weights), epochs, batch, optimizer (AdamW
@@ -20,6 +23,7 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --preset tiny         # smoke check of the script: ~5 min on 2 cores
     python benchmarks/ssl_methods.py --methods simclr,byol --no-lightly train.epochs=5
     python benchmarks/ssl_methods.py --methods swav --no-keel train.epochs=20   # lightly's SwAV alone
+    python benchmarks/ssl_methods.py --methods simmim,simmim@vit --no-lightly    # SimMIM on both backbones
 
 A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
@@ -61,7 +65,9 @@ from keel.evaluate.linear import linear_probe
 from keel.models.registry import create_model
 
 METHODS = ["simclr", "swav", "mae", "simmim", "dino", "mocov3", "byol", "simsiam", "rotation", "simclr@vit"]
-NEEDS_VIT = {"mae", "simmim"}
+ARCHS = ("cnn", "vit", "hybrid")
+DEFAULT_ARCH = {"mae": "vit", "simmim": "hybrid"}  # the others: cnn
+ARCH_LABEL = {"cnn": "CNN", "vit": "ViT", "hybrid": "hybrid"}
 SHARED = ["simclr", "byol", "swav", "dino"]  # the methods lightly runs too
 
 PRESETS = {
@@ -72,6 +78,8 @@ PRESETS = {
                 "train.warmup_epochs=0.5", "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=50"],
         cnn=["model.name=resnet10_cifar", "train.lr=4e-3"],
         vit=["model.name=vit_tiny_patch4_32", "train.lr=1e-3", "train.weight_decay=0.05"],
+        # keel_tiny's total stride is 32: its runs (and their evaluation) are at 32 px
+        hybrid=["model.name=keel_tiny", "data.img_size=32", "train.lr=1e-3", "train.weight_decay=0.05"],
         eval_train=10000, eval_test=0),
     # One GPU: CIFAR ResNet-18, the full 60k, 32 px, bf16 (precision=auto), batch 512, 15 epochs
     # (about 1-3 min a run on an H100). Evaluated against the whole train split.
@@ -80,6 +88,7 @@ PRESETS = {
                 "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=100"],
         cnn=["model.name=resnet18_cifar", "train.lr=2e-3"],
         vit=["model.name=vit_tiny_patch4_32", "train.lr=5e-4", "train.weight_decay=0.05"],
+        hybrid=["model.name=keel_tiny", "train.lr=5e-4", "train.weight_decay=0.05"],
         eval_train=0, eval_test=0),
     # A smoke check of the script itself (numbers mean nothing): 512 images at 16 px, 1 epoch.
     "tiny": dict(
@@ -87,6 +96,7 @@ PRESETS = {
                 "train.warmup_epochs=0.5", "aug.scale_min=0.3", "aug.hue=0.0", "eval.linear_epochs=2"],
         cnn=["model.name=resnet10_cifar", "train.lr=4e-3"],
         vit=["model.name=vit_tiny_patch4_32", "train.lr=1e-3", "train.weight_decay=0.05"],
+        hybrid=["model.name=keel_tiny", "data.img_size=32", "train.lr=1e-3", "train.weight_decay=0.05"],
         eval_train=1000, eval_test=1000),
 }
 
@@ -415,19 +425,20 @@ def lightly_fit(name: str, cfg: RunConfig, device) -> tuple[nn.Module, dict]:
 
 
 # ------------------------------------------------------------------------------------ the report
-def method_config(preset: str, method: str, vit: bool, overrides: list[str]) -> RunConfig:
+def method_config(preset: str, method: str, arch: str, overrides: list[str]) -> RunConfig:
     p = PRESETS[preset]
     return load_config(None, ["data.source=fashion-mnist", "train.knn_every=0", *p["common"],
-                              *p["vit" if vit else "cnn"], f"method.name={method}",
+                              *p[arch], f"method.name={method}",
                               *METHOD_SETTINGS.get(method, []), *overrides])
 
 
-def run_one(impl: str, method: str, vit: bool, preset: str, overrides: list[str], run_dir: str) -> None:
+def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: str) -> None:
     """Train one backbone and evaluate it; the row goes to run_dir/row.json. Runs in a fresh
     process, so that every run starts from the same state and its peak memory is its own."""
-    cfg = method_config(preset, method, vit, overrides)
-    label = f"{impl} {method}" + (" (ViT)" if vit and method not in NEEDS_VIT else "")
-    row = {"name": label, "impl": impl, "method": method, "backbone": cfg.model.name}
+    cfg = method_config(preset, method, arch, overrides)
+    label = f"{impl} {method}" + (f" ({ARCH_LABEL[arch]})" if arch != DEFAULT_ARCH.get(method, "cnn") else "")
+    row = {"name": label, "impl": impl, "method": method, "arch": arch, "backbone": cfg.model.name,
+           "img_size": cfg.data.img_size}
     print(f"{label} · {cfg.model.name} · {cfg.data.subset or 60000} images · {cfg.train.epochs} epochs · "
           f"batch {cfg.train.batch_size} ...", flush=True)
     try:
@@ -462,15 +473,15 @@ def run_one(impl: str, method: str, vit: bool, preset: str, overrides: list[str]
     (Path(run_dir) / "row.json").write_text(json.dumps(row, indent=2))
 
 
-def run_isolated(impl: str, method: str, vit: bool, preset: str, overrides: list[str], run_dir: Path) -> dict:
+def run_isolated(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: Path) -> dict:
     proc = multiprocessing.get_context("spawn").Process(
-        target=run_one, args=(impl, method, vit, preset, overrides, str(run_dir)))
+        target=run_one, args=(impl, method, arch, preset, overrides, str(run_dir)))
     proc.start()
     proc.join()
     row_file = run_dir / "row.json"
     if row_file.is_file():
         return json.loads(row_file.read_text())
-    return {"name": f"{impl} {method}", "impl": impl, "method": method, "backbone": "?",
+    return {"name": f"{impl} {method}", "impl": impl, "method": method, "arch": arch, "backbone": "?",
             "error": f"failed: the run's process exited with code {proc.exitcode}"}
 
 
@@ -506,30 +517,32 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="keel methods, comma-separated; name@vit or name@cnn picks the backbone "
-                         "(default: mae and simmim on the ViT, the others on the CNN)")
+                    help="keel methods, comma-separated; name@cnn, name@vit or name@hybrid picks the "
+                         "backbone (default: mae on the ViT, simmim on the hybrid, the others on the CNN)")
     ap.add_argument("--no-lightly", action="store_true", help="skip lightly's runs")
     ap.add_argument("--no-keel", action="store_true",
                     help="skip keel's runs (lightly's alone, e.g. to add them to an earlier --no-lightly run)")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
-                    "(they come last: model.name=... would replace the ViT of mae/simmim too)")
+                    "(they come last: model.name=... would replace the backbone of every run)")
     args = ap.parse_args()
 
     out = Path(args.out or f"runs/bench-ssl-methods/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    cfgs = {vit: method_config(args.preset, "simclr", vit, args.overrides) for vit in (False, True)}
-    device = resolve_device(cfgs[False].train.device)
+    cfgs = {arch: method_config(args.preset, "simclr", arch, args.overrides) for arch in ARCHS}
+    device = resolve_device(cfgs["cnn"].train.device)
 
-    # What to run: (impl, method, on the ViT?)
+    # What to run: (impl, method, arch)
     items = [s.strip() for s in args.methods.split(",") if s.strip()]
     plan, skipped = [], []
     for item in items:
         method, _, where = item.partition("@")
         if args.no_keel:
             continue
+        if where and where not in ARCHS:
+            ap.error(f"--methods {item}: the backbone after @ must be one of {', '.join(ARCHS)}")
         if available(method):
-            plan.append(("keel", method, where == "vit" if where else method in NEEDS_VIT))
+            plan.append(("keel", method, where or DEFAULT_ARCH.get(method, "cnn")))
         else:
             skipped.append(f"keel {item}")
             print(f"keel {item}: skipped (not available)", flush=True)
@@ -537,14 +550,14 @@ def main():
         lightly_ok = importlib.util.find_spec("lightly") is not None
         for method in [m for m in SHARED if m in items]:
             if lightly_ok:
-                plan.append(("lightly", method, False))
+                plan.append(("lightly", method, "cnn"))
             else:
                 skipped.append(f"lightly {method}")
                 print(f"lightly {method}: skipped (lightly is not installed)", flush=True)
 
     t_start = time.perf_counter()
-    rows = [run_isolated(impl, method, vit, args.preset, args.overrides,
-                         out / f"{impl}-{method}-{'vit' if vit else 'cnn'}") for impl, method, vit in plan]
+    rows = [run_isolated(impl, method, arch, args.preset, args.overrides, out / f"{impl}-{method}-{arch}")
+            for impl, method, arch in plan]
 
     # DINO's student gets its own row: it is what lightly's DINO row measures
     for r in list(rows):
@@ -560,16 +573,19 @@ def main():
             k["vs_lightly"] = {m: k[m] / li[m] for m in ("knn200", "linear", "s_per_epoch")}
 
     print("baselines: random init and raw pixels ...", flush=True)
-    for vit in (False, True):
-        if any(not r.get("error") and r["backbone"] == cfgs[vit].model.name for r in rows):
-            cfg = cfgs[vit]
+    seen = set()  # (backbone, size): an override such as model.name=... can make two archs one
+    for arch in ARCHS:
+        cfg = cfgs[arch]
+        key = (cfg.model.name, cfg.data.img_size)
+        if key not in seen and any(not r.get("error") and r.get("arch") == arch for r in rows):
+            seen.add(key)
             torch.manual_seed(cfg.train.seed)  # the weights every run of this backbone started from
             bb = create_model(cfg.model.name, **model_kwargs(cfg))
-            rows.append({"name": f"random init ({'ViT' if vit else 'CNN'})", "impl": "baseline",
-                         "backbone": cfg.model.name,
+            rows.append({"name": f"random init ({ARCH_LABEL[arch]})", "impl": "baseline", "arch": arch,
+                         "backbone": cfg.model.name, "img_size": cfg.data.img_size,
                          **evaluate(bb, cfg.data.img_size, args.preset, device, cfg.eval.linear_epochs)})
     rows.append({"name": "raw pixels", "impl": "baseline", "backbone": "28×28 pixels",
-                 **pixel_baseline(args.preset, cfgs[False].eval.linear_epochs, device)})
+                 **pixel_baseline(args.preset, cfgs["cnn"].eval.linear_epochs, device)})
     total_s = time.perf_counter() - t_start
 
     device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
@@ -586,7 +602,8 @@ def main():
         "DataLoader workers and the loop); s/epoch = train s / epochs",
         f"lightly: PIL + torchvision transforms in {workers} DataLoader worker{'s' if workers > 1 else ''}; "
         "keel: batched augmentation on the training device",
-        f"settings: {' '.join(p['common'])}; CNN: {' '.join(p['cnn'])}; ViT: {' '.join(p['vit'])}"
+        f"settings: {' '.join(p['common'])}; CNN: {' '.join(p['cnn'])}; ViT: {' '.join(p['vit'])}; "
+        f"hybrid: {' '.join(p['hybrid'])}"
         + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""),
     ]
     if skipped:
