@@ -24,6 +24,7 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --methods simclr,byol --no-lightly train.epochs=5
     python benchmarks/ssl_methods.py --methods swav --no-keel train.epochs=20   # lightly's SwAV alone
     python benchmarks/ssl_methods.py --methods simmim,simmim@vit --no-lightly    # SimMIM on both backbones
+    python benchmarks/ssl_methods.py --methods swav --no-lightly --per-crop     # BatchNorm per crop
 
 A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
@@ -432,10 +433,22 @@ def method_config(preset: str, method: str, arch: str, overrides: list[str]) -> 
                               *METHOD_SETTINGS.get(method, []), *overrides])
 
 
-def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: str) -> None:
+def per_crop_forward() -> None:
+    """Ablation (--per-crop): keel's SwAV and DINO student call the backbone once per crop, as
+    lightly's loops do, instead of once per resolution (the official code's way). Changes which
+    images each BatchNorm batch holds, nothing else."""
+    from keel.methods import dino, swav
+    swav.SwAV.embed = lambda self, views: torch.cat([self.projector(self.backbone.embed(v)) for v in views])
+    dino._same_size_runs = list
+
+
+def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: str,
+            per_crop: bool = False) -> None:
     """Train one backbone and evaluate it; the row goes to run_dir/row.json. Runs in a fresh
     process, so that every run starts from the same state and its peak memory is its own."""
     cfg = method_config(preset, method, arch, overrides)
+    if per_crop and impl == "keel":
+        per_crop_forward()
     label = f"{impl} {method}" + (f" ({ARCH_LABEL[arch]})" if arch != DEFAULT_ARCH.get(method, "cnn") else "")
     row = {"name": label, "impl": impl, "method": method, "arch": arch, "backbone": cfg.model.name,
            "img_size": cfg.data.img_size}
@@ -473,9 +486,10 @@ def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str]
     (Path(run_dir) / "row.json").write_text(json.dumps(row, indent=2))
 
 
-def run_isolated(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: Path) -> dict:
+def run_isolated(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: Path,
+                 per_crop: bool = False) -> dict:
     proc = multiprocessing.get_context("spawn").Process(
-        target=run_one, args=(impl, method, arch, preset, overrides, str(run_dir)))
+        target=run_one, args=(impl, method, arch, preset, overrides, str(run_dir), per_crop))
     proc.start()
     proc.join()
     row_file = run_dir / "row.json"
@@ -522,6 +536,9 @@ def main():
     ap.add_argument("--no-lightly", action="store_true", help="skip lightly's runs")
     ap.add_argument("--no-keel", action="store_true",
                     help="skip keel's runs (lightly's alone, e.g. to add them to an earlier --no-lightly run)")
+    ap.add_argument("--per-crop", action="store_true",
+                    help="ablation: keel's SwAV and DINO call the backbone once per crop (lightly's way), "
+                         "not once per resolution")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
                     "(they come last: model.name=... would replace the backbone of every run)")
@@ -556,7 +573,8 @@ def main():
                 print(f"lightly {method}: skipped (lightly is not installed)", flush=True)
 
     t_start = time.perf_counter()
-    rows = [run_isolated(impl, method, arch, args.preset, args.overrides, out / f"{impl}-{method}-{arch}")
+    rows = [run_isolated(impl, method, arch, args.preset, args.overrides, out / f"{impl}-{method}-{arch}",
+                         args.per_crop)
             for impl, method, arch in plan]
 
     # DINO's student gets its own row: it is what lightly's DINO row measures
@@ -606,6 +624,8 @@ def main():
         f"hybrid: {' '.join(p['hybrid'])}"
         + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""),
     ]
+    if args.per_crop:
+        notes.append("--per-crop: keel's SwAV and DINO called the backbone once per crop, not once per resolution")
     if skipped:
         notes.append("skipped (not available): " + ", ".join(skipped))
     title = f"Fashion-MNIST, {args.preset} preset"
