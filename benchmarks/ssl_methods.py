@@ -25,6 +25,8 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --methods swav --no-keel train.epochs=20   # lightly's SwAV alone
     python benchmarks/ssl_methods.py --methods simmim,simmim@vit --no-lightly    # SimMIM on both backbones
     python benchmarks/ssl_methods.py --methods swav --no-lightly --per-crop     # BatchNorm per crop
+    python benchmarks/ssl_methods.py --methods swav --no-keel --keel-views      # lightly fed keel's views
+    python benchmarks/ssl_methods.py --methods swav --no-keel --keel-method     # keel's SwAV in lightly's loop
 
 A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
@@ -108,9 +110,10 @@ METHOD_SETTINGS = {
     "simclr": ["method.temperature=0.1", "method.proj_hidden_dim=512", "method.proj_dim=128"],
     "byol": ["method.proj_hidden_dim=1024", "method.proj_dim=256", "method.pred_hidden_dim=1024",
              "method.momentum=0.99"],
+    # prototype_bias: lightly's SwaVPrototypes layer has a bias, so keel's run gets one too (same head)
     "swav": ["method.proj_hidden_dim=512", "method.proj_dim=128", "method.num_prototypes=512",
              "method.temperature=0.1", "method.freeze_prototypes_epochs=1", "method.queue_length=0",
-             "aug.local_crops=6"],
+             "method.prototype_bias=true", "aug.local_crops=6"],
     # freeze_prototypes_epochs: keel's DINO keeps its last layer fixed that long (lightly: freeze_last_layer)
     "dino": ["method.proj_hidden_dim=512", "method.proj_dim=64", "method.out_dim=2048", "method.momentum=0.99",
              "method.temperature=0.1", "method.teacher_temp=0.04", "method.warmup_teacher_temp_epochs=0",
@@ -220,6 +223,8 @@ class LightlyRun:
     transform: Callable               # PIL image -> list of views
     loss: Callable                    # (views on the device, step) -> loss, called under autocast
     after_backward: Callable | None = None   # (step) -> None, between backward and the optimizer step
+    after_step: Callable | None = None       # (step) -> None, after the optimizer step
+    export: Callable | None = None           # () -> the backbone to evaluate (default: the one trained)
 
 
 def fp32(criterion, *outs, **kw):
@@ -370,8 +375,56 @@ def loader_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))  # every core but the training loop's
 
 
-def lightly_fit(name: str, cfg: RunConfig, device) -> tuple[nn.Module, dict]:
-    """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel."""
+class KeelViews:
+    """Ablation (--keel-views): lightly's loop fed keel's views. Batches of uint8 images in a
+    seeded order, augmented on the device by keel's own view pipeline for the method (two views
+    or multi-crop, from the same ``aug`` section), in place of lightly's PIL transforms in
+    DataLoader workers. Everything else in lightly's run stays lightly's."""
+
+    def __init__(self, name: str, cfg: RunConfig, images: torch.Tensor, device):
+        from keel.methods.base import build_method
+        # a throwaway method object, for its make_views alone (its backbone is never called)
+        self.make_views = build_method(name, create_model(cfg.model.name, **model_kwargs(cfg)), cfg).make_views
+        self.images, self.device, self.cfg = images, device, cfg
+        self.epoch = 0
+
+    def __iter__(self):
+        tc = self.cfg.train
+        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(tc.seed + self.epoch))
+        gen = torch.Generator().manual_seed(tc.seed + 1000 * (self.epoch + 1))
+        self.epoch += 1
+        for s in range(len(self.images) // tc.batch_size):
+            batch = self.images[perm[s * tc.batch_size:(s + 1) * tc.batch_size]].to(self.device)
+            with torch.no_grad():
+                views = self.make_views(batch, gen)
+            yield views  # outside no_grad: a generator suspended inside it would keep the loop's grad off
+
+
+def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_epoch: int, total_steps: int,
+                    transform: Callable) -> LightlyRun:
+    """Ablation (--keel-method): keel's method module (its heads, loss and hooks) in lightly's loop,
+    on lightly's views. The hooks are called where keel's trainer calls them."""
+    from keel.methods.base import build_method
+    method = build_method(name, backbone, cfg)
+
+    def loss(views, step):
+        method.on_step_start(step, steps_per_epoch, total_steps)
+        return method(views)["loss"]
+
+    def after_backward(step):
+        method.before_optimizer_step(step, steps_per_epoch)
+
+    def after_step(step):
+        method.on_step_end(step, total_steps)
+
+    return LightlyRun(method, transform, loss, after_backward, after_step, method.export_backbone)
+
+
+def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
+                keel_method: bool = False) -> tuple[nn.Module, dict]:
+    """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel.
+    Ablations: ``keel_views`` draws the views with keel's augmentation instead of lightly's
+    transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss."""
     tc = cfg.train
     data = build_dataset("fashion-mnist", "train", cfg.data.img_size, subset=cfg.data.subset, seed=tc.seed)
     steps_per_epoch = len(data) // tc.batch_size
@@ -382,17 +435,23 @@ def lightly_fit(name: str, cfg: RunConfig, device) -> tuple[nn.Module, dict]:
         torch.manual_seed(tc.seed)  # the same initial backbone weights as keel's run
         backbone = create_model(cfg.model.name, **model_kwargs(cfg))
         run = LIGHTLY[name](backbone, cfg, steps_per_epoch, total_steps)
+        if keel_method:  # built from the same initial backbone; lightly's heads are dropped
+            torch.manual_seed(tc.seed)
+            backbone = create_model(cfg.model.name, **model_kwargs(cfg))
+            run = keel_method_run(name, backbone, cfg, steps_per_epoch, total_steps, run.transform)
         run.module.to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             if tc.channels_last:
                 run.module.to(memory_format=torch.channels_last)
-        workers = loader_workers()
-        loader = torch.utils.data.DataLoader(
-            PILViews(data.images, run.transform), batch_size=tc.batch_size, shuffle=True, drop_last=True,
-            num_workers=workers, persistent_workers=True, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(tc.seed))
+        if keel_views:
+            loader = KeelViews(name, cfg, data.images, device)
+        else:
+            loader = torch.utils.data.DataLoader(
+                PILViews(data.images, run.transform), batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                num_workers=loader_workers(), persistent_workers=True, pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(tc.seed))
         lr = tc.lr * tc.batch_size / 256
         optimizer = build_optimizer(tc.optimizer, run.module, lr, tc.weight_decay, tc.momentum,
                                     fused=device.type == "cuda")
@@ -415,12 +474,16 @@ def lightly_fit(name: str, cfg: RunConfig, device) -> tuple[nn.Module, dict]:
                 if run.after_backward:
                     run.after_backward(step)
                 optimizer.step()
+                if run.after_step:
+                    run.after_step(step)
                 step += 1
                 if step >= max_steps:
                     break
         final_loss = loss.item()  # also waits for the device
         train_s = time.perf_counter() - t0
     del loader
+    if run.export:
+        backbone = run.export()
     return backbone, {"train_s": train_s, "epochs": step / steps_per_epoch, "peak_mb": mem.mb,
                       "final_loss": final_loss}
 
@@ -443,7 +506,7 @@ def per_crop_forward() -> None:
 
 
 def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: str,
-            per_crop: bool = False) -> None:
+            per_crop: bool = False, keel_views: bool = False, keel_method: bool = False) -> None:
     """Train one backbone and evaluate it; the row goes to run_dir/row.json. Runs in a fresh
     process, so that every run starts from the same state and its peak memory is its own."""
     cfg = method_config(preset, method, arch, overrides)
@@ -466,7 +529,7 @@ def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str]
         if impl == "keel":
             backbone, stats = keel_run(cfg, Path(run_dir), device)
         else:
-            backbone, stats = lightly_fit(method, cfg, device)
+            backbone, stats = lightly_fit(method, cfg, device, keel_views, keel_method)
         row.update(stats, s_per_epoch=stats["train_s"] / max(stats["epochs"], 1e-9))
         row.update(evaluate(backbone, cfg.data.img_size, preset, device, cfg.eval.linear_epochs))
         if impl == "keel" and method == "dino":
@@ -487,9 +550,9 @@ def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str]
 
 
 def run_isolated(impl: str, method: str, arch: str, preset: str, overrides: list[str], run_dir: Path,
-                 per_crop: bool = False) -> dict:
+                 per_crop: bool = False, keel_views: bool = False, keel_method: bool = False) -> dict:
     proc = multiprocessing.get_context("spawn").Process(
-        target=run_one, args=(impl, method, arch, preset, overrides, str(run_dir), per_crop))
+        target=run_one, args=(impl, method, arch, preset, overrides, str(run_dir), per_crop, keel_views, keel_method))
     proc.start()
     proc.join()
     row_file = run_dir / "row.json"
@@ -539,6 +602,12 @@ def main():
     ap.add_argument("--per-crop", action="store_true",
                     help="ablation: keel's SwAV and DINO call the backbone once per crop (lightly's way), "
                          "not once per resolution")
+    ap.add_argument("--keel-views", action="store_true",
+                    help="ablation: lightly's loops take their views from keel's batched augmentation "
+                         "instead of lightly's PIL transforms (tells augmentation from the rest)")
+    ap.add_argument("--keel-method", action="store_true",
+                    help="ablation: lightly's loops train keel's method module (heads, loss, hooks) instead of "
+                         "lightly's (with --keel-views: keel's method and views in lightly's loop)")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
                     "(they come last: model.name=... would replace the backbone of every run)")
@@ -574,7 +643,7 @@ def main():
 
     t_start = time.perf_counter()
     rows = [run_isolated(impl, method, arch, args.preset, args.overrides, out / f"{impl}-{method}-{arch}",
-                         args.per_crop)
+                         args.per_crop, args.keel_views, args.keel_method)
             for impl, method, arch in plan]
 
     # DINO's student gets its own row: it is what lightly's DINO row measures
@@ -626,6 +695,12 @@ def main():
     ]
     if args.per_crop:
         notes.append("--per-crop: keel's SwAV and DINO called the backbone once per crop, not once per resolution")
+    if args.keel_views:
+        notes.append("--keel-views: lightly's runs drew their views with keel's batched augmentation, "
+                     "not lightly's transforms")
+    if args.keel_method:
+        notes.append("--keel-method: lightly's runs trained keel's method module (heads, loss, hooks), "
+                     "not lightly's")
     if skipped:
         notes.append("skipped (not available): " + ", ".join(skipped))
     title = f"Fashion-MNIST, {args.preset} preset"

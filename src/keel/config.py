@@ -38,8 +38,8 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """One flat section for every method; a method reads only its own keys (``keel methods``
-    lists them). ``None`` means the method's published default."""
+    """One flat section for every method; a method reads only its own keys (the README's table
+    of methods lists them). ``None`` means the method's published default."""
     name: str = "simclr"            # simclr | swav | mae | simmim | dino | mocov3 | byol | simsiam | rotation
     temperature: float | None = None    # softmax temperature (simclr 0.2, mocov3 0.2, swav 0.1, dino student 0.1)
     proj_hidden_dim: int | None = None  # projector MLP width
@@ -53,6 +53,8 @@ class MethodConfig:
     freeze_prototypes_epochs: float = 1.0   # also DINO's last head layer (official freeze_last_layer)
     queue_length: int = 0               # features kept from earlier batches; 0 = no queue
     queue_start_epoch: int = 15
+    prototype_bias: bool = False        # a learned offset per prototype score, as lightly's SwaVPrototypes
+                                        # has; the official code has none (BENCHMARKS.md: SwAV vs lightly)
     # dino
     out_dim: int | None = None          # prototypes of the DINO head (65536 for ImageNet)
     teacher_temp: float = 0.04

@@ -168,6 +168,45 @@ def test_swav_loss_matches_lightly():
         assert abs(with_q.item() - loss.item()) > 1e-4  # the queue does change the codes
 
 
+
+def test_swav_loss_with_bias_matches_lightly_on_biased_scores():
+    # lightly's prototypes have a bias and its Sinkhorn sees the biased scores; keel's codes come
+    # from the cosines alone. Equal losses show the bias cancels in Sinkhorn, as claimed.
+    loss_mod = pytest.importorskip("lightly.loss")
+    ref_fn = loss_mod.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    n, k = 8, 10
+    bias = torch.linspace(-0.3, 0.3, k)
+    crops = [_cosine_scores(n, k, seed=40 + v) for v in range(4)]
+    loss, codes = swav_loss(crops[:2], crops[2:], 0.1, 3, 0.05, bias=bias)
+    assert loss.item() == pytest.approx(ref_fn([c + bias for c in crops[:2]], [c + bias for c in crops[2:]]).item(),
+                                        abs=1e-5)
+    torch.testing.assert_close(codes[0], sinkhorn(crops[0] + bias), atol=1e-5, rtol=0)
+    assert abs(loss.item() - swav_loss(crops[:2], crops[2:], 0.1, 3, 0.05)[0].item()) > 1e-3  # it does act
+
+
+def test_prototype_bias_scores_match_lightlys_prototypes():
+    modules = pytest.importorskip("lightly.models.modules")
+    loss_mod = pytest.importorskip("lightly.loss")
+    torch.manual_seed(0)
+    m = SwAV(_vit(), _cfg(local_crops=2, prototype_bias=True))
+    assert m.prototypes.bias is not None and build_method("swav", _vit(), _cfg()).prototypes.bias is None
+    with torch.no_grad():
+        m.prototypes.bias.copy_(torch.linspace(-0.2, 0.2, 10))
+    ref = modules.SwaVPrototypes(16, 10)
+    ref.load_state_dict({"heads.0.weight": m.prototypes.weight.detach(), "heads.0.bias": m.prototypes.bias.detach()})
+    m.train()
+    _bn_eval(m)
+    views = m.make_views(_images(n=6), torch.Generator().manual_seed(1))
+    out = m(views)
+    with torch.no_grad():
+        scores = [ref(F.normalize(m.projector(m.backbone.embed(v)), dim=1)) for v in views]
+    expected = loss_mod.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)(scores[:2], scores[2:])
+    assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+    out["loss"].backward()
+    assert m.prototypes.bias.grad.abs().max() > 0
+    m.before_optimizer_step(0, steps_per_epoch=4)  # first epoch: frozen, bias included
+    assert m.prototypes.weight.grad is None and m.prototypes.bias.grad is None
+
 def test_swav_loss_gradient_flows_to_predictions_only():
     high = [_cosine_scores(4, 6, seed=i).requires_grad_(True) for i in range(2)]
     low = [_cosine_scores(4, 6, seed=5).requires_grad_(True)]

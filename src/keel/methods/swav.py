@@ -15,8 +15,9 @@ What runs where:
 - ``training_step``: one backbone call per crop resolution, one projector call over all crops,
   scores in float32, Sinkhorn (all-reduced over processes), the swapped-prediction loss, queue update.
 - ``before_optimizer_step``: during the first ``method.freeze_prototypes_epochs`` epochs the
-  prototypes' gradient is dropped, so no optimizer moves them (the paper's fix for early
-  instability: the prototypes must not chase a projector that is still random).
+  prototypes' gradient (and their bias's, with ``method.prototype_bias``) is dropped, so no
+  optimizer moves them (the paper's fix for early instability: the prototypes must not chase a
+  projector that is still random).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def sinkhorn(scores: torch.Tensor, iters: int = 3, eps: float = 0.05) -> torch.T
 
 def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor], temperature: float = 0.1,
               iters: int = 3, eps: float = 0.05,
-              queue_scores: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+              queue_scores: list[torch.Tensor] | None = None,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The swapped-prediction loss and the codes of the global crops.
 
     ``global_scores`` / ``local_scores``: one (n, K) tensor of prototype scores per crop, rows
@@ -80,11 +82,16 @@ def swav_loss(global_scores: list[torch.Tensor], local_scores: list[torch.Tensor
     is the mean, over every other crop v, of the cross-entropy -sum_k q_i log softmax(s_v / T);
     the loss is the mean of the terms over the global crops, and the mean over this process's
     images. Float32 whatever the input dtype.
+
+    ``bias`` (K,), optional, is added to the scores of the predictions only. The codes do not
+    need it: it multiplies each row of exp(scores / eps) by a constant, which Sinkhorn's first
+    prototype normalisation removes, so codes from the raw cosines are the same codes (and
+    exp stays finite, cosines being at most 1).
     """
     crops = [s.float() for s in list(global_scores) + list(local_scores)]
     if len(global_scores) < 1 or len(crops) < 2:
         raise ValueError("SwAV needs at least one global crop and one other crop")
-    log_p = [F.log_softmax(s / temperature, dim=1) for s in crops]
+    log_p = [F.log_softmax((s if bias is None else s + bias.float()) / temperature, dim=1) for s in crops]
     terms, codes = [], []
     for i, s in enumerate(crops[:len(global_scores)]):
         if queue_scores is not None:
@@ -118,7 +125,10 @@ class SwAV(Method):
             raise ConfigError("method.queue_length must be >= 0 and method.sinkhorn_iters >= 1")
         proj_dim = default(m.proj_dim, 128)
         self.projector = mlp_head([backbone.num_features, default(m.proj_hidden_dim, 2048), proj_dim])
-        self.prototypes = nn.Linear(proj_dim, default(m.num_prototypes, 3000), bias=False)
+        # Unit vectors, no bias by default (the official code). With method.prototype_bias each score gets
+        # a learned offset, as in lightly's SwaVPrototypes: Sinkhorn cancels it (a per-prototype factor on
+        # exp(score / eps)), so it only shifts the predicted distribution, a learned log-prior.
+        self.prototypes = nn.Linear(proj_dim, default(m.num_prototypes, 3000), bias=m.prototype_bias)
         self.normalize_prototypes()
         self.multicrop = MultiCrop(cfg, default_local_crops=6)
         self.n_global = self.multicrop.n_global
@@ -161,7 +171,8 @@ class SwAV(Method):
         if step < self.freeze_prototypes_epochs * steps_per_epoch:
             # No gradient = skipped by AdamW, SGD and LARS alike: no update, no weight decay,
             # no optimizer state. Dropped after DDP's all-reduce, so every process agrees.
-            self.prototypes.weight.grad = None
+            for p in self.prototypes.parameters():
+                p.grad = None
 
     # ---------------------------------------------------------------- views and loss
     def make_views(self, images, generator):
@@ -183,10 +194,10 @@ class SwAV(Method):
         # scores by eps = 0.05, so bf16's ~3 significant digits would become ~10% noise on the codes.
         with torch.autocast(z.device.type, enabled=False):
             z = F.normalize(z.float(), dim=1)
-            crops = self.prototypes(z).split(n)
+            crops = (z @ self.prototypes.weight.T).split(n)  # cosines; the bias enters the predictions alone
             queue_scores = self._queue_scores() if self._use_queue else None
             loss, codes = swav_loss(crops[:g], crops[g:], self.temperature, self.sinkhorn_iters,
-                                    self.sinkhorn_eps, queue_scores)
+                                    self.sinkhorn_eps, queue_scores, self.prototypes.bias)
         if self._push_queue:
             if n * D.world_size() != self.global_batch:
                 raise RuntimeError(f"SwAV's queue expects batches of train.batch_size={self.global_batch} "
