@@ -1,0 +1,70 @@
+"""Is keel's trainer the same computation as ssl_methods.py's lightly loop? A check, not a timing.
+
+``ssl_methods.py --no-keel --keel-views --keel-method`` runs keel's views and keel's method module
+inside the loop it uses for lightly's methods. That loop and keel's ``Trainer`` differ only in
+their random streams: the ablation shuffles with (seed + epoch) and draws each epoch's views from
+one generator, keel's trainer draws every step's views from a generator seeded with
+(seed, step, rank) so that a resumed run repeats them. This script gives keel's trainer the
+ablation's streams and trains both for a few steps: if the loops agree, the backbones are equal
+bit for bit, and any accuracy difference between the two runs comes from the streams alone.
+
+    python benchmarks/loop_identity.py                      # SwAV, 40 steps (the prototypes unfreeze at 31)
+    python benchmarks/loop_identity.py --method dino --steps 10
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ssl_methods as B  # noqa: E402
+
+from keel import load_backbone  # noqa: E402
+from keel.engine.pretrain import pretrain  # noqa: E402
+from keel.engine.trainer import Trainer  # noqa: E402
+from keel.methods.base import _METHODS, list_methods  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="swav", choices=B.SHARED)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.seed=1")
+    args = ap.parse_args()
+    cfg = B.method_config("cpu", args.method, "cnn", ["train.epochs=20", f"train.max_steps={args.steps}",
+                                                      *args.overrides])
+    tc, device = cfg.train, torch.device("cpu")
+    ablation, _ = B.lightly_fit(args.method, cfg, device, keel_views=True, keel_method=True)
+
+    # keel's trainer with the ablation's streams (see B.KeelViews): order from seed + epoch, and one
+    # generator per epoch seeded with seed + 1000 * (epoch + 1), replacing the per-step one.
+    streams = {}
+
+    def epoch_batches(self, n, epoch):
+        streams["gen"] = torch.Generator().manual_seed(tc.seed + 1000 * (epoch + 1))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed + epoch))
+        return [perm[s * tc.batch_size:(s + 1) * tc.batch_size] for s in range(n // tc.batch_size)]
+
+    list_methods()  # imports every method module, so the registry is filled
+    cls = _METHODS[args.method]
+    make_views = cls.make_views
+    Trainer._epoch_batches = epoch_batches
+    cls.make_views = lambda self, images, generator: make_views(self, images, streams["gen"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        pretrain(cfg, run_dir, quiet=True)
+        keel = load_backbone(run_dir)
+
+    a, b = ablation.state_dict(), keel.state_dict()
+    diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a}
+    worst = max(diff, key=diff.get)
+    print(f"{args.method}, {args.steps} steps: {len(diff)} tensors, largest difference {diff[worst]:.3g} ({worst})")
+    print("identical" if diff[worst] == 0 else "NOT identical")
+    sys.exit(0 if diff[worst] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
