@@ -47,7 +47,7 @@ def main():
     else:
         list_methods()
         cls, streams = _METHODS[args.method], {}
-        epoch_batches, make_views = Trainer._epoch_batches, _METHODS[args.method].make_views
+        epoch_batches, make_views = Trainer._epoch_batches, cls.make_views
 
         def batches(self, n, epoch):
             streams["gen"] = torch.Generator().manual_seed(D.seed_for(tc.seed, epoch, 99))
