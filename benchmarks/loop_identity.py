@@ -25,8 +25,7 @@ import ssl_methods as B  # noqa: E402
 
 from keel import load_backbone  # noqa: E402
 from keel.engine.pretrain import pretrain  # noqa: E402
-from keel.engine.trainer import Trainer  # noqa: E402
-from keel.methods.base import _METHODS, list_methods  # noqa: E402
+from stream_spread import epoch_streams  # noqa: E402
 
 
 def main():
@@ -40,20 +39,9 @@ def main():
     tc, device = cfg.train, torch.device("cpu")
     ablation, _ = B.lightly_fit(args.method, cfg, device, keel_views=True, keel_method=True)
 
-    # keel's trainer with the ablation's streams (see B.KeelViews): order from seed + epoch, and one
-    # generator per epoch seeded with seed + 1000 * (epoch + 1), replacing the per-step one.
-    streams = {}
-
-    def epoch_batches(self, n, epoch):
-        streams["gen"] = torch.Generator().manual_seed(tc.seed + 1000 * (epoch + 1))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(tc.seed + epoch))
-        return [perm[s * tc.batch_size:(s + 1) * tc.batch_size] for s in range(n // tc.batch_size)]
-
-    list_methods()  # imports every method module, so the registry is filled
-    cls = _METHODS[args.method]
-    make_views = cls.make_views
-    Trainer._epoch_batches = epoch_batches
-    cls.make_views = lambda self, images, generator: make_views(self, images, streams["gen"])
+    # keel's trainer with the ablation's streams (B.KeelViews): its order and one generator per epoch
+    epoch_streams(args.method, lambda epoch: B.KeelViews.generator(tc.seed, epoch),
+                  lambda n, epoch: B.KeelViews.order(n, tc.seed, epoch))
     with tempfile.TemporaryDirectory() as run_dir:
         pretrain(cfg, run_dir, quiet=True)
         keel = load_backbone(run_dir)

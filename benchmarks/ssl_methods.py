@@ -388,10 +388,18 @@ class KeelViews:
         self.images, self.device, self.cfg = images, device, cfg
         self.epoch = 0
 
+    @staticmethod
+    def order(n: int, seed: int, epoch: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+    @staticmethod
+    def generator(seed: int, epoch: int) -> torch.Generator:
+        """One generator for all the views of an epoch (keel's trainer seeds one per step)."""
+        return torch.Generator().manual_seed(seed + 1000 * (epoch + 1))
+
     def __iter__(self):
         tc = self.cfg.train
-        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(tc.seed + self.epoch))
-        gen = torch.Generator().manual_seed(tc.seed + 1000 * (self.epoch + 1))
+        perm, gen = self.order(len(self.images), tc.seed, self.epoch), self.generator(tc.seed, self.epoch)
         self.epoch += 1
         for s in range(len(self.images) // tc.batch_size):
             batch = self.images[perm[s * tc.batch_size:(s + 1) * tc.batch_size]].to(self.device)

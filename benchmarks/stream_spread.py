@@ -28,6 +28,23 @@ from keel.engine.trainer import Trainer  # noqa: E402
 from keel.methods.base import _METHODS, list_methods  # noqa: E402
 
 
+def epoch_streams(method: str, generator, order=None) -> None:
+    """Patch keel's trainer to draw each epoch's views from ``generator(epoch)`` (one generator for
+    the whole epoch) and, with ``order(n, epoch)``, to shuffle with it instead of its own order."""
+    list_methods()  # imports every method module, so the registry is filled
+    cls, streams = _METHODS[method], {}
+    epoch_batches, make_views = Trainer._epoch_batches, cls.make_views
+
+    def batches(self, n, epoch):
+        streams["gen"] = generator(epoch)
+        if order is None:
+            return epoch_batches(self, n, epoch)
+        perm, bs = order(n, epoch), self.cfg.train.batch_size
+        return [perm[s * bs:(s + 1) * bs] for s in range(n // bs)]
+    Trainer._epoch_batches = batches
+    cls.make_views = lambda self, images, gen: make_views(self, images, streams["gen"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="swav", choices=B.SHARED)
@@ -45,15 +62,7 @@ def main():
         D.seed_for = lambda *parts: seed_for(*parts, args.salt)  # the trainer looks it up on D each time
         how = f"salt{args.salt}"
     else:
-        list_methods()
-        cls, streams = _METHODS[args.method], {}
-        epoch_batches, make_views = Trainer._epoch_batches, cls.make_views
-
-        def batches(self, n, epoch):
-            streams["gen"] = torch.Generator().manual_seed(D.seed_for(tc.seed, epoch, 99))
-            return epoch_batches(self, n, epoch)
-        Trainer._epoch_batches = batches
-        cls.make_views = lambda self, images, generator: make_views(self, images, streams["gen"])
+        epoch_streams(args.method, lambda epoch: torch.Generator().manual_seed(D.seed_for(tc.seed, epoch, 99)))
         how = "epoch-generator"
 
     out = Path(args.out or f"runs/stream-spread/{args.method}-{how}-seed{tc.seed}")
