@@ -72,6 +72,19 @@ def timed(step, device) -> float:
     return time.perf_counter() - t
 
 
+def median_times(steps: dict, device, warmup: int, n: int) -> dict[str, float]:
+    """Median seconds per call of each step, after ``warmup`` calls (compilation, autotuning, the
+    allocator); the steps take turns, so all see the same machine state."""
+    for step in steps.values():
+        for _ in range(warmup):
+            timed(step, device)
+    times = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            times[k].append(timed(step, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def measure_pair(keel_name: str, timm_name: str, args, device) -> dict:
     import timm
 
@@ -82,14 +95,7 @@ def measure_pair(keel_name: str, timm_name: str, args, device) -> dict:
                           if "resnet" not in timm_name else timm.create_model(timm_name, pretrained=False, num_classes=1000),
                           args.batch, args.img_size, device, args.bf16, args.compile),
     }
-    for step in steps.values():  # warm-up: compilation, cudnn autotuning, allocator
-        for _ in range(args.warmup):
-            timed(step, device)
-    times = {k: [] for k in steps}
-    for _ in range(args.steps):  # interleaved, so both see the same machine state
-        for k, step in steps.items():
-            times[k].append(timed(step, device))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_times(steps, device, args.warmup, args.steps)
     st = model_stats(keel_name, img_size=args.img_size)
     row = {"keel": keel_name, "timm": timm_name, "params_m": round(st["params_m"], 2), "gmacs": round(st["gmacs"], 2),
            "keel_img_s": args.batch / med["keel"], "timm_img_s": args.batch / med["timm"],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from backbones import PEAK_TFLOPS, timed  # noqa: E402
+from backbones import PEAK_TFLOPS, median_times  # noqa: E402
 
 import keel  # noqa: E402
 from keel.config import load_config  # noqa: E402
@@ -154,14 +153,7 @@ def main():
     views = (torch.rand(args.batch, 3, args.img_size, args.img_size, device=device),
              torch.rand(args.batch, grid * grid, device=device))
     steps = {k: make_step(m.to(device).train(), views, device, args.bf16, args.compile) for k, m in models.items()}
-    for step in steps.values():  # warm-up: compilation, autotuning, the allocator
-        for _ in range(args.warmup):
-            timed(step, device)
-    times = {k: [] for k in steps}
-    for _ in range(args.steps):  # interleaved, so both see the same machine state
-        for k, step in steps.items():
-            times[k].append(timed(step, device))
-    img_s = {k: args.batch / statistics.median(v) for k, v in times.items()}
+    img_s = {k: args.batch / t for k, t in median_times(steps, device, args.warmup, args.steps).items()}
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in where), None)
