@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import resource
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -241,6 +242,27 @@ def lightly_aug(cfg: RunConfig) -> dict:
                 cj_sat=a.jitter, cj_hue=a.hue, random_gray_scale=a.gray_p, normalize=NORMALIZE)
 
 
+def color_jitters(transform) -> list[tuple]:
+    """(brightness, contrast, saturation, hue) ranges of every ColorJitter inside a torchvision transform."""
+    found: list[tuple] = []
+
+    def walk(t):
+        if type(t).__name__ == "ColorJitter":
+            found.append((t.brightness, t.contrast, t.saturation, t.hue))
+        for child in (getattr(t, "transform", None), *(getattr(t, "transforms", None) or [])):
+            if child is not None:
+                walk(child)
+    walk(transform)
+    return found
+
+
+def check_same_jitter(views) -> None:
+    """Stop if lightly's views do not all get the colour jitter keel's augmentation gives every view."""
+    jitters = [color_jitters(v) for v in views]
+    if any(j != jitters[0] for j in jitters) or not jitters[0]:
+        sys.exit(f"lightly's views jitter colour differently ({jitters}): not the same augmentation as keel's")
+
+
 def local_views(cfg: RunConfig) -> tuple[int, int]:
     return cfg.aug.local_crops, cfg.aug.local_size or local_crop_size(cfg.data.img_size)
 
@@ -319,6 +341,7 @@ def lightly_dino(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.transforms import DINOTransform
+    from lightly.transforms.dino_transform import DINOViewTransform
     from lightly.utils.scheduler import cosine_schedule
     m, a = cfg.method, cfg.aug
     def head():
@@ -351,6 +374,11 @@ def lightly_dino(backbone, cfg, steps_per_epoch, total_steps) -> LightlyRun:
                               local_crop_size=local_size, local_crop_scale=(a.local_scale_min, a.local_scale_max),
                               n_local_views=n_local, gaussian_blur=(b, b, b), solarization_prob=0.0,
                               **lightly_aug(cfg))
+    # lightly's DINOTransform does not pass cj_strength on to its second global crop, which so
+    # gets its view default, half the colour jitter of the other crops. The official DINO and
+    # keel jitter every crop alike, and the comparison is meant to use the same augmentation.
+    transform.transforms[1] = DINOViewTransform(crop_size=cfg.data.img_size, crop_scale=(a.scale_min, 1.0),
+                                                gaussian_blur=b, solarization_prob=0.0, **lightly_aug(cfg))
     return LightlyRun(nn.ModuleList([student, teacher, criterion]), transform, loss, after_backward)
 
 
@@ -443,6 +471,7 @@ def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
         torch.manual_seed(tc.seed)  # the same initial backbone weights as keel's run
         backbone = create_model(cfg.model.name, **model_kwargs(cfg))
         run = LIGHTLY[name](backbone, cfg, steps_per_epoch, total_steps)
+        check_same_jitter(run.transform.transforms)
         if keel_method:  # built from the same initial backbone; lightly's heads are dropped
             torch.manual_seed(tc.seed)
             backbone = create_model(cfg.model.name, **model_kwargs(cfg))
