@@ -44,7 +44,6 @@ import json
 import multiprocessing
 import os
 import resource
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -257,10 +256,11 @@ def color_jitters(transform) -> list[tuple]:
 
 
 def check_same_jitter(views) -> None:
-    """Stop if lightly's views do not all get the colour jitter keel's augmentation gives every view."""
+    """Fail the run (its row says why) if lightly's views do not all get the same colour jitter,
+    as keel's augmentation gives every view."""
     jitters = [color_jitters(v) for v in views]
     if any(j != jitters[0] for j in jitters) or not jitters[0]:
-        sys.exit(f"lightly's views jitter colour differently ({jitters}): not the same augmentation as keel's")
+        raise ValueError(f"lightly's views jitter colour differently, not keel's augmentation: {jitters}")
 
 
 def local_views(cfg: RunConfig) -> tuple[int, int]:
