@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import ssl_methods as B  # noqa: E402
 
-from keel import load_backbone  # noqa: E402
 from keel.engine.pretrain import pretrain  # noqa: E402
 from stream_spread import epoch_streams  # noqa: E402
 
@@ -44,7 +43,8 @@ def main():
                   lambda n, epoch: B.KeelViews.order(n, tc.seed, epoch))
     with tempfile.TemporaryDirectory() as run_dir:
         pretrain(cfg, run_dir, quiet=True)
-        keel = load_backbone(run_dir)
+        # the ablation returns what lightly's loops train (DINO: the student, not the exported teacher)
+        keel = B.keel_student(cfg, run_dir)
 
     a, b = ablation.state_dict(), keel.state_dict()
     diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a}

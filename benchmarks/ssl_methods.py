@@ -216,6 +216,14 @@ def keel_run(cfg: RunConfig, run_dir: Path, device) -> tuple[nn.Module, dict]:
                                     "final_loss": result["loss"]}
 
 
+def keel_student(cfg: RunConfig, run_dir) -> nn.Module:
+    """The trained backbone from a keel run's last checkpoint (DINO exports its teacher instead)."""
+    student = create_model(cfg.model.name, **model_kwargs(cfg))
+    state = load_checkpoint(run_dir)["method"]
+    student.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    return student
+
+
 # ---------------------------------------------------------------------------------- lightly runs
 @dataclass
 class LightlyRun:
@@ -453,7 +461,9 @@ def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_ep
     def after_step(step):
         method.on_step_end(step, total_steps)
 
-    return LightlyRun(method, transform, loss, after_backward, after_step, method.export_backbone)
+    # lightly's loops are evaluated on what they train (DINO: the student, not keel's exported
+    # teacher): this run is too, so that only the module differs from lightly's row
+    return LightlyRun(method, transform, loss, after_backward, after_step, lambda: method.backbone)
 
 
 def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
@@ -534,9 +544,9 @@ def method_config(preset: str, method: str, arch: str, overrides: list[str]) -> 
 
 
 def per_crop_forward() -> None:
-    """Ablation (--per-crop): keel's SwAV and DINO student call the backbone once per crop, as
-    lightly's loops do, instead of once per resolution (the official code's way). Changes which
-    images each BatchNorm batch holds, nothing else."""
+    """Ablation (--per-crop): keel's SwAV and DINO (student and teacher) call the backbone once
+    per crop, as lightly's loops do, instead of once per resolution (the official code's way).
+    Changes which images each BatchNorm batch holds, nothing else."""
     from keel.methods import dino, swav
     swav.SwAV.embed = lambda self, views: torch.cat([self.projector(self.backbone.embed(v)) for v in views])
     dino._same_size_runs = list
@@ -572,10 +582,8 @@ def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str]
         if impl == "keel" and method == "dino":
             # keel exports DINO's teacher; lightly's loop trains (and we evaluate) its student.
             # The student, from the last checkpoint, is the like-for-like comparison.
-            student = create_model(cfg.model.name, **model_kwargs(cfg))
-            state = load_checkpoint(run_dir)["method"]
-            student.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-            row["student"] = evaluate(student.eval(), cfg.data.img_size, preset, device, cfg.eval.linear_epochs)
+            row["student"] = evaluate(keel_student(cfg, run_dir).eval(), cfg.data.img_size, preset, device,
+                                      cfg.eval.linear_epochs)
         print(f"  train {row['train_s']:.0f} s ({row['s_per_epoch']:.1f} s/epoch), peak {row['peak_mb']:.0f} MB, "
               f"kNN@200 {row['knn200']:.2f}, kNN@20 {row['knn20']:.2f}, linear {row['linear']:.2f}", flush=True)
     except Exception as e:  # a broken method must not stop the others

@@ -253,6 +253,107 @@ def test_training_step_views_and_one_call_per_resolution(kind):
     assert sum(p.grad.abs().sum() for p in m.backbone.parameters()) > 0
 
 
+def test_one_call_per_crop_equals_lightlys_dino(monkeypatch):
+    # benchmarks/ssl_methods.py --per-crop (lightly's way) replaces _same_size_runs with list:
+    # the student and the teacher then call their backbone once per crop, and the step is
+    # lightly's (student, teacher, loss and centre on the same weights), gradients included.
+    # What is left between keel's default and lightly's DINO is which images share a BatchNorm batch.
+    pytest.importorskip("lightly")
+    from lightly.loss import DINOLoss
+    import keel.methods.dino as dino_mod
+    monkeypatch.setattr(dino_mod, "_same_size_runs", list)
+    torch.manual_seed(0)
+    m = DINO(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), _cfg())
+    m.train()
+    with torch.no_grad():  # a teacher and a centre away from their start, as mid-run
+        for p in m.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        m.center.normal_(0, 0.1)
+
+    student, teacher = _lightly_net(m.backbone, m.head), _lightly_net(m.teacher["backbone"], m.teacher["head"])
+    criterion = DINOLoss(output_dim=64, warmup_teacher_temp_epochs=0, teacher_temp=0.04, student_temp=0.1)
+    criterion.center.copy_(m.center.view(1, 1, -1))
+    views = m.make_views(_images(4, size=20), torch.Generator().manual_seed(0))
+    calls = {"student": [], "teacher": []}
+    for who, bb in (("student", m.backbone), ("teacher", m.teacher["backbone"])):
+        bb.embed = (lambda f, lst: lambda x: (lst.append(tuple(x.shape)), f(x))[1])(bb.embed, calls[who])
+    out = m(views)
+    assert calls["student"] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    assert calls["teacher"] == [(4, 3, 16, 16)] * 2
+    with torch.no_grad():
+        t_out = [teacher(v) for v in views[:2]]
+    ref = criterion(t_out, [student(v) for v in views], epoch=1)
+    assert out["loss"].item() == pytest.approx(ref.item(), abs=1e-5)
+    torch.testing.assert_close(m.center, criterion.center.view(1, -1))
+    out["loss"].backward()
+    ref.backward()
+    for (name, p), q in zip(m.backbone.named_parameters(), student[0].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(m.head.last_layer.weight.grad, student[1].last_layer.weight_v.grad,
+                               atol=1e-6, rtol=1e-4)
+    assert m.head.last_layer.weight.grad.abs().sum() > 0
+
+
+def _lightly_net(backbone, head):
+    """lightly's DINO network (backbone + DINOProjectionHead) with the weights of keel's."""
+    from lightly.models.modules import DINOProjectionHead
+    ref = DINOProjectionHead(16, 32, 16, 64, freeze_last_layer=1)
+    state = {k.replace("mlp.", "layers."): v for k, v in head.state_dict().items() if k != "last_layer.weight"}
+    ref.load_state_dict({**state, "last_layer.weight_v": head.last_layer.weight.detach().clone(),
+                         "last_layer.weight_g": torch.ones(64, 1)})
+    net = nn.Sequential(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), ref)
+    net[0].load_state_dict(backbone.state_dict())
+    return net.train()
+
+
+def test_training_with_one_call_per_crop_follows_lightlys_dino(monkeypatch):
+    # keel's hooks (EMA teacher after the step, last layer frozen for the first epoch, schedules)
+    # against lightly's loop code for DINO: 10 steps from the same weights on the same views,
+    # each with its own AdamW, through the end of the frozen epoch (steps_per_epoch = 4).
+    pytest.importorskip("lightly")
+    from lightly.loss import DINOLoss
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+    import keel.methods.dino as dino_mod
+    monkeypatch.setattr(dino_mod, "_same_size_runs", list)
+    torch.manual_seed(0)
+    m = DINO(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), _cfg(momentum=0.9, teacher_temp=0.04, warmup_teacher_temp_epochs=0.0))
+    m.train()
+    student, teacher = _lightly_net(m.backbone, m.head), _lightly_net(m.teacher["backbone"], m.teacher["head"])
+    criterion = DINOLoss(output_dim=64, warmup_teacher_temp_epochs=0, teacher_temp=0.04, student_temp=0.1)
+    opt_k = build_optimizer("adamw", m, lr=1e-3, weight_decay=0.04)
+    opt_l = build_optimizer("adamw", nn.ModuleList([student, teacher]), lr=1e-3, weight_decay=0.04)
+    spe, total = 4, 40
+    for step in range(10):
+        views = m.make_views(_images(8, size=20, seed=step), torch.Generator().manual_seed(step))
+        m.on_step_start(step, spe, total)
+        loss_k = m(views)["loss"]
+        opt_k.zero_grad(set_to_none=True)
+        loss_k.backward()
+        m.before_optimizer_step(step, spe)
+        opt_k.step()
+        m.on_step_end(step, total)
+
+        # lightly's loop moves the teacher before the forward of step s, with m(s); keel after the
+        # optimizer step s - 1, with m(s - 1). The schedules are alike, the step offset aside:
+        # lightly is given keel's value here, since this tiny network amplifies a 2e-4 change in m.
+        assert cosine_schedule(step, total, 0.9, 1.0) == pytest.approx(cosine_momentum(step, total, 0.9), abs=3e-3)
+        update_momentum(student, teacher, m=cosine_momentum(step - 1, total, 0.9) if step else 0.9)
+        with torch.no_grad():
+            t_out = [teacher(v) for v in views[:2]]
+        loss_l = criterion(t_out, [student(v) for v in views], epoch=step // spe)
+        opt_l.zero_grad(set_to_none=True)
+        loss_l.backward()
+        student[1].cancel_last_layer_gradients(current_epoch=step // spe)
+        opt_l.step()
+        assert loss_k.item() == pytest.approx(loss_l.item(), rel=1e-4), step
+    torch.testing.assert_close(m.head.last_layer.weight, student[1].last_layer.weight_v, atol=1e-4, rtol=1e-3)
+    update_momentum(student, teacher, m=cosine_momentum(9, total, 0.9))  # keel's teacher moved after step 9
+    torch.testing.assert_close(m.teacher["head"].last_layer.weight, teacher[1].last_layer.weight_v,
+                               atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(m.teacher["head"].last_layer.weight, m.head.last_layer.weight)
+
+
 def orig_embed(backbone, x):
     return type(backbone).embed(backbone, x)
 

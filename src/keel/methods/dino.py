@@ -180,7 +180,8 @@ class DINO(Method):
         n_global, batch = self.crops.n_global, views[0].shape[0]
         student = self.head(torch.cat([self.backbone.embed(x) for x in _same_size_runs(views)]))
         with torch.no_grad():
-            teacher = self.teacher["head"](self.teacher["backbone"].embed(torch.cat(views[:n_global])))
+            teacher = self.teacher["head"](torch.cat([self.teacher["backbone"].embed(x)
+                                                      for x in _same_size_runs(views[:n_global])]))
             targets = sharpen(teacher.view(n_global, batch, -1), self.center, self.teacher_temp)
             entropy = -(targets * torch.log(targets.clamp_min(1e-30))).sum(-1).mean()
         loss = cross_view_entropy(targets, student.view(len(views), batch, -1), self.student_temp)
