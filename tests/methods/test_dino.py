@@ -223,6 +223,46 @@ def test_schedules_are_set_by_on_step_start_and_logged():
     assert 0 < float(out["teacher_entropy"]) <= math.log(64) + 1e-5
 
 
+def _record_embed_calls(m: DINO) -> dict:
+    """Make the student's and the teacher's backbone record the shape of every embed call."""
+    calls = {"student": [], "teacher": []}
+    for who, bb in (("student", m.backbone), ("teacher", m.teacher["backbone"])):
+        bb.embed = (lambda f, lst: lambda x: (lst.append(tuple(x.shape)), f(x))[1])(bb.embed, calls[who])
+    return calls
+
+
+def _per_crop_dino(monkeypatch, **method) -> DINO:
+    """A small ResNet DINO (teacher temperature 0.04 throughout) that calls its backbones once per
+    crop, as benchmarks/ssl_methods.py --per-crop makes it: _same_size_runs becomes list."""
+    pytest.importorskip("lightly")
+    import keel.methods.dino as dino_mod
+    monkeypatch.setattr(dino_mod, "_same_size_runs", list)
+    torch.manual_seed(0)
+    m = DINO(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)),
+             _cfg(teacher_temp=0.04, warmup_teacher_temp_epochs=0.0, **method))
+    return m.train()
+
+
+def _lightly_dino(m: DINO):
+    """lightly's student, teacher (backbone + DINOProjectionHead) and DINOLoss, with the weights
+    and centre of keel's ``m``."""
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+
+    def net(backbone, head):
+        ref = DINOProjectionHead(16, 32, 16, 64, freeze_last_layer=1)
+        state = {k.replace("mlp.", "layers."): v for k, v in head.state_dict().items() if k != "last_layer.weight"}
+        ref.load_state_dict({**state, "last_layer.weight_v": head.last_layer.weight.detach().clone(),
+                             "last_layer.weight_g": torch.ones(64, 1)})
+        out = nn.Sequential(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), ref)
+        out[0].load_state_dict(backbone.state_dict())
+        return out.train()
+
+    criterion = DINOLoss(output_dim=64, warmup_teacher_temp_epochs=0, teacher_temp=0.04, student_temp=0.1)
+    criterion.center.copy_(m.center.view(1, 1, -1))
+    return net(m.backbone, m.head), net(m.teacher["backbone"], m.teacher["head"]), criterion
+
+
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 def test_training_step_views_and_one_call_per_resolution(kind):
     torch.manual_seed(0)
@@ -231,10 +271,7 @@ def test_training_step_views_and_one_call_per_resolution(kind):
     m.train()
     views = m.make_views(_images(4, size=20), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
-    calls = {"student": [], "teacher": []}
-    for who, bb in (("student", m.backbone), ("teacher", m.teacher["backbone"])):
-        orig = bb.embed
-        bb.embed = (lambda f, lst: lambda x: (lst.append(tuple(x.shape)), f(x))[1])(orig, calls[who])
+    calls = _record_embed_calls(m)
     center0 = m.center.clone()
     out = m(views)
     assert calls["student"] == [(8, 3, 16, 16), (8, 3, 8, 8)]
@@ -258,25 +295,14 @@ def test_one_call_per_crop_equals_lightlys_dino(monkeypatch):
     # the student and the teacher then call their backbone once per crop, and the step is
     # lightly's (student, teacher, loss and centre on the same weights), gradients included.
     # What is left between keel's default and lightly's DINO is which images share a BatchNorm batch.
-    pytest.importorskip("lightly")
-    from lightly.loss import DINOLoss
-    import keel.methods.dino as dino_mod
-    monkeypatch.setattr(dino_mod, "_same_size_runs", list)
-    torch.manual_seed(0)
-    m = DINO(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), _cfg())
-    m.train()
+    m = _per_crop_dino(monkeypatch)
     with torch.no_grad():  # a teacher and a centre away from their start, as mid-run
         for p in m.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
         m.center.normal_(0, 0.1)
-
-    student, teacher = _lightly_net(m.backbone, m.head), _lightly_net(m.teacher["backbone"], m.teacher["head"])
-    criterion = DINOLoss(output_dim=64, warmup_teacher_temp_epochs=0, teacher_temp=0.04, student_temp=0.1)
-    criterion.center.copy_(m.center.view(1, 1, -1))
+    student, teacher, criterion = _lightly_dino(m)
     views = m.make_views(_images(4, size=20), torch.Generator().manual_seed(0))
-    calls = {"student": [], "teacher": []}
-    for who, bb in (("student", m.backbone), ("teacher", m.teacher["backbone"])):
-        bb.embed = (lambda f, lst: lambda x: (lst.append(tuple(x.shape)), f(x))[1])(bb.embed, calls[who])
+    calls = _record_embed_calls(m)
     out = m(views)
     assert calls["student"] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
     assert calls["teacher"] == [(4, 3, 16, 16)] * 2
@@ -294,33 +320,14 @@ def test_one_call_per_crop_equals_lightlys_dino(monkeypatch):
     assert m.head.last_layer.weight.grad.abs().sum() > 0
 
 
-def _lightly_net(backbone, head):
-    """lightly's DINO network (backbone + DINOProjectionHead) with the weights of keel's."""
-    from lightly.models.modules import DINOProjectionHead
-    ref = DINOProjectionHead(16, 32, 16, 64, freeze_last_layer=1)
-    state = {k.replace("mlp.", "layers."): v for k, v in head.state_dict().items() if k != "last_layer.weight"}
-    ref.load_state_dict({**state, "last_layer.weight_v": head.last_layer.weight.detach().clone(),
-                         "last_layer.weight_g": torch.ones(64, 1)})
-    net = nn.Sequential(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), ref)
-    net[0].load_state_dict(backbone.state_dict())
-    return net.train()
-
-
 def test_training_with_one_call_per_crop_follows_lightlys_dino(monkeypatch):
     # keel's hooks (EMA teacher after the step, last layer frozen for the first epoch, schedules)
     # against lightly's loop code for DINO: 10 steps from the same weights on the same views,
     # each with its own AdamW, through the end of the frozen epoch (steps_per_epoch = 4).
-    pytest.importorskip("lightly")
-    from lightly.loss import DINOLoss
+    m = _per_crop_dino(monkeypatch, momentum=0.9)
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import cosine_schedule
-    import keel.methods.dino as dino_mod
-    monkeypatch.setattr(dino_mod, "_same_size_runs", list)
-    torch.manual_seed(0)
-    m = DINO(keel.create_model("resnet10_cifar", widths=(8, 8, 16, 16)), _cfg(momentum=0.9, teacher_temp=0.04, warmup_teacher_temp_epochs=0.0))
-    m.train()
-    student, teacher = _lightly_net(m.backbone, m.head), _lightly_net(m.teacher["backbone"], m.teacher["head"])
-    criterion = DINOLoss(output_dim=64, warmup_teacher_temp_epochs=0, teacher_temp=0.04, student_temp=0.1)
+    student, teacher, criterion = _lightly_dino(m)
     opt_k = build_optimizer("adamw", m, lr=1e-3, weight_decay=0.04)
     opt_l = build_optimizer("adamw", nn.ModuleList([student, teacher]), lr=1e-3, weight_decay=0.04)
     spe, total = 4, 40
@@ -338,7 +345,7 @@ def test_training_with_one_call_per_crop_follows_lightlys_dino(monkeypatch):
         # optimizer step s - 1, with m(s - 1). The schedules are alike, the step offset aside:
         # lightly is given keel's value here, since this tiny network amplifies a 2e-4 change in m.
         assert cosine_schedule(step, total, 0.9, 1.0) == pytest.approx(cosine_momentum(step, total, 0.9), abs=3e-3)
-        update_momentum(student, teacher, m=cosine_momentum(step - 1, total, 0.9) if step else 0.9)
+        update_momentum(student, teacher, m=cosine_momentum(step - 1, total, 0.9))  # step 0: 0.9, a no-op
         with torch.no_grad():
             t_out = [teacher(v) for v in views[:2]]
         loss_l = criterion(t_out, [student(v) for v in views], epoch=step // spe)
