@@ -27,6 +27,7 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --methods swav --no-lightly --per-crop     # BatchNorm per crop
     python benchmarks/ssl_methods.py --methods swav --no-keel --keel-views      # lightly fed keel's views
     python benchmarks/ssl_methods.py --methods swav --no-keel --keel-method     # keel's SwAV in lightly's loop
+    python benchmarks/ssl_methods.py --methods dino --no-keel --keel-method --per-crop   # keel's DINO, lightly's way
 
 A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -411,6 +413,14 @@ def loader_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) - 1))  # every core but the training loop's
 
 
+def seed_numpy(worker_id: int) -> None:
+    """DataLoader worker_init_fn: lightly's GaussianBlur and RandomSolarization draw from numpy's
+    global generator, which the DataLoader does not seed. Unseeded, every worker forks the
+    parent's numpy state (the workers blur alike) and no two runs of a seed see the same views.
+    Seeded from the worker's torch seed, which the loader's seeded generator fixes."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
 class KeelViews:
     """Ablation (--keel-views): lightly's loop fed keel's views. Batches of uint8 images in a
     seeded order, augmented on the device by keel's own view pipeline for the method (two views
@@ -466,11 +476,29 @@ def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_ep
     return LightlyRun(method, transform, loss, after_backward, after_step, lambda: method.backbone)
 
 
+def start_from_lightly_dino_head(method: nn.Module, head: nn.Module) -> None:
+    """Give keel's DINO head (student and teacher) the initial weights of lightly's
+    ``DINOProjectionHead``: the two draw the same distributions in a different order, so without
+    this the --keel-method run would differ from lightly's in its initial head as well as in code.
+    lightly's last layer is ``weight_norm`` with the norm frozen at 1, keel's normalizes its rows:
+    the direction ``weight_v`` is keel's ``weight``."""
+    src = {k.replace("layers.", "mlp.").replace("weight_v", "weight"): v
+           for k, v in head.state_dict().items() if not k.endswith("weight_g")}
+    assert torch.all(head.last_layer.weight_g == 1)
+    for dst in (method.head, method.teacher["head"]):
+        dst.load_state_dict(src)
+    x = torch.randn(4, head.layers[0].in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(method.head(x), head(x))  # the same function, not just the same shapes
+
+
 def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
-                keel_method: bool = False) -> tuple[nn.Module, dict]:
+                keel_method: bool = False, lightly_heads: bool = True) -> tuple[nn.Module, dict]:
     """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel.
     Ablations: ``keel_views`` draws the views with keel's augmentation instead of lightly's
-    transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss."""
+    transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss,
+    for DINO from lightly's initial head weights unless ``lightly_heads`` is false (then from
+    the heads keel's own run of the seed draws)."""
     tc = cfg.train
     data = build_dataset("fashion-mnist", "train", cfg.data.img_size, subset=cfg.data.subset, seed=tc.seed)
     steps_per_epoch = len(data) // tc.batch_size
@@ -483,9 +511,12 @@ def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
         run = LIGHTLY[name](backbone, cfg, steps_per_epoch, total_steps)
         check_same_jitter(run.transform.transforms)
         if keel_method:  # built from the same initial backbone; lightly's heads are dropped
+            lightly_module = run.module
             torch.manual_seed(tc.seed)
             backbone = create_model(cfg.model.name, **model_kwargs(cfg))
             run = keel_method_run(name, backbone, cfg, steps_per_epoch, total_steps, run.transform)
+            if name == "dino" and lightly_heads:
+                start_from_lightly_dino_head(run.module, lightly_module[0][1])
         run.module.to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -498,7 +529,7 @@ def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
             loader = torch.utils.data.DataLoader(
                 PILViews(data.images, run.transform), batch_size=tc.batch_size, shuffle=True, drop_last=True,
                 num_workers=loader_workers(), persistent_workers=True, pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(tc.seed))
+                worker_init_fn=seed_numpy, generator=torch.Generator().manual_seed(tc.seed))
         lr = tc.lr * tc.batch_size / 256
         optimizer = build_optimizer(tc.optimizer, run.module, lr, tc.weight_decay, tc.momentum,
                                     fused=device.type == "cuda")
@@ -557,7 +588,7 @@ def run_one(impl: str, method: str, arch: str, preset: str, overrides: list[str]
     """Train one backbone and evaluate it; the row goes to run_dir/row.json. Runs in a fresh
     process, so that every run starts from the same state and its peak memory is its own."""
     cfg = method_config(preset, method, arch, overrides)
-    if per_crop and impl == "keel":
+    if per_crop and (impl == "keel" or keel_method):
         per_crop_forward()
     label = f"{impl} {method}" + (f" ({ARCH_LABEL[arch]})" if arch != DEFAULT_ARCH.get(method, "cnn") else "")
     row = {"name": label, "impl": impl, "method": method, "arch": arch, "backbone": cfg.model.name,
@@ -645,14 +676,15 @@ def main():
     ap.add_argument("--no-keel", action="store_true",
                     help="skip keel's runs (lightly's alone, e.g. to add them to an earlier --no-lightly run)")
     ap.add_argument("--per-crop", action="store_true",
-                    help="ablation: keel's SwAV and DINO call the backbone once per crop (lightly's way), "
-                         "not once per resolution")
+                    help="ablation: keel's SwAV and DINO (in keel's runs, and in lightly's loop with "
+                         "--keel-method) call the backbone once per crop (lightly's way), not once per resolution")
     ap.add_argument("--keel-views", action="store_true",
                     help="ablation: lightly's loops take their views from keel's batched augmentation "
                          "instead of lightly's PIL transforms (tells augmentation from the rest)")
     ap.add_argument("--keel-method", action="store_true",
                     help="ablation: lightly's loops train keel's method module (heads, loss, hooks) instead of "
-                         "lightly's (with --keel-views: keel's method and views in lightly's loop)")
+                         "lightly's, DINO's from lightly's initial head weights (with --keel-views: keel's "
+                         "method and views in lightly's loop; with --per-crop: one backbone call per crop)")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
                     "(they come last: model.name=... would replace the backbone of every run)")
@@ -745,7 +777,7 @@ def main():
                      "not lightly's transforms")
     if args.keel_method:
         notes.append("--keel-method: lightly's runs trained keel's method module (heads, loss, hooks), "
-                     "not lightly's")
+                     "not lightly's; DINO's started from lightly's initial head weights")
     if skipped:
         notes.append("skipped (not available): " + ", ".join(skipped))
     title = f"Fashion-MNIST, {args.preset} preset"
