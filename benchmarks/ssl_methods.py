@@ -416,7 +416,8 @@ def loader_workers() -> int:
 def seed_numpy(worker_id: int) -> None:
     """DataLoader worker_init_fn: lightly's GaussianBlur and RandomSolarization draw from numpy's
     global generator, which the DataLoader does not seed. Unseeded, every worker forks the
-    parent's numpy state (the workers blur alike) and no two runs of a seed see the same views.
+    parent's numpy state (the workers blur alike) and, with blur or solarization on, no two
+    runs of a seed see the same views.
     Seeded from the worker's torch seed, which the loader's seeded generator fixes."""
     np.random.seed(torch.initial_seed() % 2**32)
 
@@ -478,7 +479,8 @@ def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_ep
 
 def start_from_lightly_dino_head(method: nn.Module, head: nn.Module) -> None:
     """Give keel's DINO head (student and teacher) the initial weights of lightly's
-    ``DINOProjectionHead``: the two draw the same distributions in a different order, so without
+    ``DINOProjectionHead``: the two sample the same distributions differently (torch's
+    ``trunc_normal_`` by rejection, lightly's by the inverse CDF), so without
     this the --keel-method run would differ from lightly's in its initial head as well as in code.
     lightly's last layer is ``weight_norm`` with the norm frozen at 1, keel's normalizes its rows:
     the direction ``weight_v`` is keel's ``weight``."""
