@@ -36,7 +36,7 @@ def main():
     cfg = B.method_config("cpu", args.method, "cnn", ["train.epochs=20", f"train.max_steps={args.steps}",
                                                       *args.overrides])
     tc, device = cfg.train, torch.device("cpu")
-    ablation, _ = B.lightly_fit(args.method, cfg, device, keel_views=True, keel_method=True, lightly_heads=False)
+    ablation, _ = B.lightly_fit(args.method, cfg, device, keel_views=True, keel_method=True)
 
     # keel's trainer with the ablation's streams (B.KeelViews): its order and one generator per epoch
     epoch_streams(args.method, lambda epoch: B.KeelViews.generator(tc.seed, epoch),

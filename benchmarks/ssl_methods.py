@@ -477,30 +477,12 @@ def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_ep
     return LightlyRun(method, transform, loss, after_backward, after_step, lambda: method.backbone)
 
 
-def start_from_lightly_dino_head(method: nn.Module, head: nn.Module) -> None:
-    """Give keel's DINO head (student and teacher) the initial weights of lightly's
-    ``DINOProjectionHead``: the two sample the same distributions differently (torch's
-    ``trunc_normal_`` by rejection, lightly's by the inverse CDF), so without
-    this the --keel-method run would differ from lightly's in its initial head as well as in code.
-    lightly's last layer is ``weight_norm`` with the norm frozen at 1, keel's normalizes its rows:
-    the direction ``weight_v`` is keel's ``weight``."""
-    src = {k.replace("layers.", "mlp.").replace("weight_v", "weight"): v
-           for k, v in head.state_dict().items() if not k.endswith("weight_g")}
-    assert torch.all(head.last_layer.weight_g == 1)
-    for dst in (method.head, method.teacher["head"]):
-        dst.load_state_dict(src)
-    x = torch.randn(4, head.layers[0].in_features, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(method.head(x), head(x))  # the same function, not just the same shapes
-
-
 def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
-                keel_method: bool = False, lightly_heads: bool = True) -> tuple[nn.Module, dict]:
+                keel_method: bool = False) -> tuple[nn.Module, dict]:
     """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel.
     Ablations: ``keel_views`` draws the views with keel's augmentation instead of lightly's
-    transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss,
-    for DINO from lightly's initial head weights unless ``lightly_heads`` is false (then from
-    the heads keel's own run of the seed draws)."""
+    transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss
+    (from the same seed keel's heads start from lightly's initial weights: both draw them alike)."""
     tc = cfg.train
     data = build_dataset("fashion-mnist", "train", cfg.data.img_size, subset=cfg.data.subset, seed=tc.seed)
     steps_per_epoch = len(data) // tc.batch_size
@@ -513,12 +495,9 @@ def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
         run = LIGHTLY[name](backbone, cfg, steps_per_epoch, total_steps)
         check_same_jitter(run.transform.transforms)
         if keel_method:  # built from the same initial backbone; lightly's heads are dropped
-            lightly_module = run.module
             torch.manual_seed(tc.seed)
             backbone = create_model(cfg.model.name, **model_kwargs(cfg))
             run = keel_method_run(name, backbone, cfg, steps_per_epoch, total_steps, run.transform)
-            if name == "dino" and lightly_heads:
-                start_from_lightly_dino_head(run.module, lightly_module[0][1])
         run.module.to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -685,7 +664,7 @@ def main():
                          "instead of lightly's PIL transforms (tells augmentation from the rest)")
     ap.add_argument("--keel-method", action="store_true",
                     help="ablation: lightly's loops train keel's method module (heads, loss, hooks) instead of "
-                         "lightly's, DINO's from lightly's initial head weights (with --keel-views: keel's "
+                         "lightly's (with --keel-views: keel's "
                          "method and views in lightly's loop; with --per-crop: one backbone call per crop)")
     ap.add_argument("--out", default="", help="output folder (default runs/bench-ssl-methods/<preset>-<time>)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.epochs=4 "
@@ -779,7 +758,7 @@ def main():
                      "not lightly's transforms")
     if args.keel_method:
         notes.append("--keel-method: lightly's runs trained keel's method module (heads, loss, hooks), "
-                     "not lightly's; DINO's started from lightly's initial head weights")
+                     "not lightly's")
     if skipped:
         notes.append("skipped (not available): " + ", ".join(skipped))
     title = f"Fashion-MNIST, {args.preset} preset"

@@ -514,3 +514,19 @@ def test_the_teacher_is_exported(make_cfg):
     m = build_method("dino", keel.create_model("resnet10_cifar"),
                      make_cfg("method.name=dino", "method.out_dim=32", "method.proj_hidden_dim=16", "method.proj_dim=8"))
     assert m.export_backbone() is m.teacher["backbone"] and m.export_backbone() is not m.backbone
+
+
+def test_head_from_a_seed_is_lightlys_head_from_that_seed():
+    # keel's DINOHead draws its MLP by the inverse CDF, as lightly's DINOProjectionHead (and the
+    # official code) do, and consumes the random stream alike: from the same seed the two heads
+    # start from the same weights, so keel's and lightly's DINO runs of a seed start alike.
+    pytest.importorskip("lightly")
+    from lightly.models.modules import DINOProjectionHead
+    torch.manual_seed(7)
+    ours = DINOHead(16, 64, hidden_dim=32, bottleneck_dim=8)
+    torch.manual_seed(7)
+    ref = DINOProjectionHead(16, 32, 8, 64)
+    state = ref.state_dict()
+    for k, v in ours.state_dict().items():
+        k_ref = k.replace("mlp.", "layers.").replace("last_layer.weight", "last_layer.weight_v")
+        assert torch.equal(v, state[k_ref]), k

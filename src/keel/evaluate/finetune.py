@@ -95,6 +95,7 @@ from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
 from keel.evaluate.lr_search import BIT_LR_GRID, SEARCH_DIR, search_config_path, search_lr
 from keel.models.layers.drop import DropPath
+from keel.models.layers.init import trunc_normal_
 from keel.models.registry import family_of
 
 __all__ = ["FinetuneConfig", "Task", "ClassificationTask", "Classifier", "DistilledHead", "finetune",
@@ -238,7 +239,7 @@ class ClassificationTask:
     def head(self, num_features: int) -> nn.Module:
         head = nn.Linear(num_features, self.num_classes)
         # MAE's head init: nearly zero, so the first steps do not send random gradients into the backbone
-        nn.init.trunc_normal_(head.weight, std=2e-5)
+        trunc_normal_(head.weight, std=2e-5)
         nn.init.zeros_(head.bias)
         return head
 

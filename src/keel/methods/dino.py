@@ -33,6 +33,7 @@ from keel.methods.augment import MultiCrop
 from keel.methods.base import Method, default, register_method
 from keel.methods.momentum import cosine_momentum, ema_update, momentum_copy
 from keel.models.layers.drop import DropPath
+from keel.models.layers.init import trunc_normal_
 
 
 # ---------------------------------------------------------------- the loss
@@ -119,7 +120,7 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim)
 

@@ -36,6 +36,7 @@ from keel.data.views import BatchAugment
 from keel.methods.augment import view_config
 from keel.methods.base import Method, default, register_method
 from keel.models.hybrid import HybridNet
+from keel.models.layers.init import trunc_normal_
 from keel.models.swin import SwinTransformer
 from keel.models.vit import VisionTransformer
 
@@ -99,7 +100,7 @@ class SimMIM(Method):
             raise ValueError(f"method.mask_patch_size {self.mask_patch_size} is not a multiple of the backbone's "
                              f"stem stride {self.stem_stride}")
         self.mask_token = nn.Parameter(torch.zeros(stem_channels))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Sequential(nn.Conv2d(backbone.num_features, self.stride ** 2 * 3, 1),
                                   nn.PixelShuffle(self.stride))
         self.augment = BatchAugment(replace(view_config(cfg), jitter_p=0.0, gray_p=0.0, blur_p=0.0))

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.models.layers import Attention, DropPath, Mlp
+from keel.models.layers.init import trunc_normal_
 from keel.models.layers.position import RelativePositionBias, interpolate_pos_embed, relative_position_index
 from keel.models.layers.windows import pad_to_multiple, window_partition, window_reverse
 from keel.models.registry import register_model
@@ -188,11 +189,11 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
-            nn.init.trunc_normal_(self.dist_token, std=0.02)
+            trunc_normal_(self.dist_token, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, like MAE
         for m in self.modules():

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from keel.models.layers.init import trunc_normal_
+
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
     """(1, gh*gw, D) position table laid out on ``src_grid`` -> the same table on ``dst_grid``
@@ -37,7 +39,7 @@ class RelativePositionBias(nn.Module):
         self.num_heads = num_heads
         wh, ww = self.window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(self.window), persistent=False)
 
     def forward(self) -> torch.Tensor:
