@@ -482,7 +482,7 @@ def lightly_fit(name: str, cfg: RunConfig, device, keel_views: bool = False,
     """The loop every lightly method shares: keel's optimizer groups and lr schedule, autocast as keel.
     Ablations: ``keel_views`` draws the views with keel's augmentation instead of lightly's
     transforms; ``keel_method`` trains keel's method module instead of lightly's heads and loss
-    (from the same seed keel's heads start from lightly's initial weights: both draw them alike)."""
+    (keel's DINO head, drawn from the same seed, starts from lightly's initial weights)."""
     tc = cfg.train
     data = build_dataset("fashion-mnist", "train", cfg.data.img_size, subset=cfg.data.subset, seed=tc.seed)
     steps_per_epoch = len(data) // tc.batch_size
