@@ -33,7 +33,7 @@ from keel.methods.augment import MultiCrop
 from keel.methods.base import Method, default, register_method
 from keel.methods.momentum import cosine_momentum, ema_update, momentum_copy
 from keel.models.layers.drop import DropPath
-from keel.models.layers.init import trunc_normal_
+from keel.models.layers.init import init_linear_trunc_normal
 
 
 # ---------------------------------------------------------------- the loss
@@ -118,10 +118,7 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers += ([nn.BatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_linear_trunc_normal(self.mlp, std=0.02)
         self.last_layer = NormalizedLinear(bottleneck_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
