@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from keel.models.layers import DropPath
+from keel.models.layers.conv import CpuSafeConv2d
 from keel.models.registry import register_model
 
 
@@ -37,7 +38,7 @@ class BasicBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(CpuSafeConv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))

@@ -1,7 +1,11 @@
 """Convolution layers: weight standardization against its formula, squeeze-excite against a hand
-computation, MBConv / FusedMBConv structure, residuals and identity at init, timm equivalence."""
+computation, MBConv / FusedMBConv structure, residuals and identity at init, timm equivalence;
+strided 1x1 convolutions that stay clear of oneDNN's NHWC weight-gradient bug."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from functools import partial
 
 import pytest
@@ -9,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from keel.models.layers.conv import ConvNormAct, FusedMBConv, MBConv, SqueezeExcite, StdConv2d, make_divisible
+from keel.models.layers.conv import (ConvNormAct, CpuSafeConv2d, FusedMBConv, MBConv, SqueezeExcite, StdConv2d,
+                                     make_divisible)
 
 
 def randomize_norms(m: nn.Module) -> None:
@@ -72,6 +77,54 @@ def test_std_conv_ignores_filter_scale_and_shift_and_matches_timm():
     t = TimmStdConv2d(4, 5, 3, eps=1e-8)
     t.load_state_dict(conv.state_dict())
     torch.testing.assert_close(conv(x), t(x), rtol=1e-6, atol=1e-6)
+
+
+# The shapes oneDNN gets wrong (uxlfoundation/oneDNN#6035): a strided 1x1 weight gradient on NHWC
+# input with fewer input channels than its register block. Run in a child process: the unguarded
+# kernel corrupts the heap (or hangs), which would take the test session down with it.
+_NHWC_STRIDED_1X1 = textwrap.dedent("""
+    import sys, torch, torch.nn as nn
+    from keel.models.layers.conv import CpuSafeConv2d, StdConv2d
+    torch.set_num_threads(1)
+    for cls in (CpuSafeConv2d, StdConv2d):
+        for cin, cout, side in [(3, 6, 64), (8, 8, 48), (8, 16, 64), (12, 24, 96), (16, 32, 64)]:  # 16: oneDNN
+            torch.manual_seed(0)
+            conv = cls(cin, cout, 1, stride=2, bias=False)
+            x = torch.randn(8, cin, side, side)
+            g = torch.randn(8, cout, side // 2, side // 2)
+            grads = []
+            for mkldnn, fmt in ((False, torch.contiguous_format), (True, torch.channels_last)):
+                torch.backends.mkldnn.enabled = mkldnn   # off: PyTorch's own kernels, the reference
+                conv.zero_grad()
+                xi = x.clone(memory_format=fmt).requires_grad_()
+                conv(xi).backward(g.contiguous(memory_format=fmt))
+                grads.append((conv.weight.grad.clone(), xi.grad.clone()))
+            (w0, x0), (w1, x1) = grads
+            torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-3)  # sums of 8k products, ~100
+            torch.testing.assert_close(x1, x0, rtol=1e-5, atol=1e-5)
+    print("ok")
+""")
+
+
+def test_strided_1x1_weight_gradient_is_right_on_nhwc_cpu_input():
+    run = subprocess.run([sys.executable, "-c", _NHWC_STRIDED_1X1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("stride, padding, side", [(2, 0, 9), (3, 0, 10), ((2, 1), 0, 7), (2, 1, 8), (1, 0, 6)])
+def test_cpu_safe_conv_is_nn_conv(stride, padding, side):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 6, 1, stride, padding, bias=True)
+    conv = CpuSafeConv2d(4, 6, 1, stride, padding, bias=True)
+    conv.load_state_dict(ref.state_dict())   # the same parameters under the same names
+    x = torch.randn(2, 4, side, side + 1, requires_grad=True)
+    out, want = conv(x), ref(x)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    rx, rw = torch.autograd.grad(want.square().sum(), (x, ref.weight))
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_norm_act():

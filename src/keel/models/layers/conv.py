@@ -22,6 +22,34 @@ def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     return new_v + divisor if new_v < round_limit * v else new_v
 
 
+def cpu_safe_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                    dilation, groups: int) -> torch.Tensor:
+    """``F.conv2d``, except that an unpadded strided 1x1 convolution of fewer than 16 input
+    channels on the CPU is computed as what it is: a 1x1 convolution of the subsampled input
+    (the same products and sums).
+
+    Why: oneDNN's strided 1x1 weight gradient on NHWC inputs with fewer input channels than its
+    register block (16 with AVX-512, 8 with AVX2) writes past its workspace
+    (uxlfoundation/oneDNN#6035): wrong weight gradients, a corrupted heap or a hang, depending on
+    the machine. On this project's CPUs ``resnet10_cifar(widths=(8, 8, 16, 16))`` at 64 px died
+    in its first backward pass with "free(): invalid next size"; 16 or more input channels were
+    right on every shape tried. Wider convolutions keep oneDNN's kernel, which is up to 2x faster
+    than subsampling first.
+    """
+    if x.device.type == "cpu" and weight.shape[1] * groups < 16 and weight.shape[-2:] == (1, 1) and \
+            tuple(stride) != (1, 1) and tuple(padding) == (0, 0):
+        x, stride = x[..., ::stride[0], ::stride[1]], 1
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class CpuSafeConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) that runs through ``cpu_safe_conv2d``:
+    for the strided 1x1 projection shortcuts of ResNets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_safe_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d with weight standardization (Qiao et al. 2019), as in BiT's ResNet-v2.
 
@@ -49,8 +77,8 @@ class StdConv2d(nn.Conv2d):
                             eps=self.eps).reshape_as(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return cpu_safe_conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                               self.dilation, self.groups)
 
     def extra_repr(self):
         return super().extra_repr() + f", eps={self.eps}"
