@@ -83,7 +83,7 @@ def test_std_conv_ignores_filter_scale_and_shift_and_matches_timm():
 # input with fewer input channels than its register block. Run in a child process: the unguarded
 # kernel corrupts the heap (or hangs), which would take the test session down with it.
 _NHWC_STRIDED_1X1 = textwrap.dedent("""
-    import sys, torch, torch.nn as nn
+    import torch
     from keel.models.layers.conv import CpuSafeConv2d, StdConv2d
     torch.set_num_threads(1)
     for cls in (CpuSafeConv2d, StdConv2d):
