@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import ssl_methods as B  # noqa: E402
 
-from keel.engine.pretrain import pretrain  # noqa: E402
+from keel.jobs.pretrain import pretrain  # noqa: E402
 from stream_spread import epoch_streams  # noqa: E402
 
 

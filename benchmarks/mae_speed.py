@@ -33,8 +33,8 @@ from backbones import PEAK_TFLOPS, median_times  # noqa: E402
 import keel  # noqa: E402
 from keel.config import load_config  # noqa: E402
 from keel.convert import from_timm  # noqa: E402
-from keel.methods.base import build_method  # noqa: E402
-from keel.methods.mae import masked_mse, normalize_patches, num_kept, patchify, random_masking, sincos_pos_embed  # noqa: E402
+from keel.tasks.ssl import build_method  # noqa: E402
+from keel.tasks.ssl.mae import masked_mse, normalize_patches, num_kept, patchify, random_masking, sincos_pos_embed  # noqa: E402
 
 
 class TimmMAE(nn.Module):

@@ -19,8 +19,8 @@ from keel.config import load_config
 from keel.data.sources import build_dataset
 from keel.engine.checkpoint import load_backbone
 from keel.engine.distributed import resolve_device
-from keel.engine.pretrain import pretrain
-from keel.engine.trainer import model_kwargs
+from keel.jobs.pretrain import pretrain
+from keel.models.registry import model_kwargs
 from keel.evaluate.frozen import evaluate_frozen
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import linear_probe

@@ -29,7 +29,7 @@ torchvision transforms set to keel's ``aug`` values, run on PIL images in DataLo
     python benchmarks/ssl_methods.py --methods swav --no-keel --keel-method     # keel's SwAV in lightly's loop
     python benchmarks/ssl_methods.py --methods dino --no-keel --keel-method --per-crop   # keel's DINO, lightly's way
 
-A method runs only if keel has it (``keel.methods.<name>`` imports); others print "skipped".
+A method runs only if keel has it (``keel.tasks.ssl.<name>`` imports); others print "skipped".
 Each run trains and is evaluated in a fresh process (same start state, its own peak memory); a
 run that fails is reported as failed and the others go on. ``train.compile=true`` only applies
 to keel's runs.
@@ -62,8 +62,8 @@ from keel.data.views import ViewConfig, local_crop_size
 from keel.engine.checkpoint import load_backbone, load_checkpoint
 from keel.engine.distributed import resolve_device
 from keel.engine.optim import build_optimizer, cosine_lr
-from keel.engine.pretrain import pretrain
-from keel.engine.trainer import model_kwargs
+from keel.jobs.pretrain import pretrain
+from keel.models.registry import model_kwargs
 from keel.evaluate.frozen import evaluate_frozen
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import linear_probe
@@ -429,7 +429,7 @@ class KeelViews:
     DataLoader workers. Everything else in lightly's run stays lightly's."""
 
     def __init__(self, name: str, cfg: RunConfig, images: torch.Tensor, device):
-        from keel.methods.base import build_method
+        from keel.tasks.ssl import build_method
         # a throwaway method object, for its make_views alone (its backbone is never called)
         self.make_views = build_method(name, create_model(cfg.model.name, **model_kwargs(cfg)), cfg).make_views
         self.images, self.device, self.cfg = images, device, cfg
@@ -459,7 +459,7 @@ def keel_method_run(name: str, backbone: nn.Module, cfg: RunConfig, steps_per_ep
                     transform: Callable) -> LightlyRun:
     """Ablation (--keel-method): keel's method module (its heads, loss and hooks) in lightly's loop,
     on lightly's views. The hooks are called where keel's trainer calls them."""
-    from keel.methods.base import build_method
+    from keel.tasks.ssl import build_method
     method = build_method(name, backbone, cfg)
 
     def loss(views, step):
@@ -559,7 +559,7 @@ def per_crop_forward() -> None:
     """Ablation (--per-crop): keel's SwAV and DINO (student and teacher) call the backbone once
     per crop, as lightly's loops do, instead of once per resolution (the official code's way).
     Changes which images each BatchNorm batch holds, nothing else."""
-    from keel.methods import dino, swav
+    from keel.tasks.ssl import dino, swav
     swav.SwAV.embed = lambda self, views: torch.cat([self.projector(self.backbone.embed(v)) for v in views])
     dino._same_size_runs = list
 
@@ -621,7 +621,7 @@ def run_isolated(impl: str, method: str, arch: str, preset: str, overrides: list
 
 def available(method: str) -> bool:
     try:
-        importlib.import_module(f"keel.methods.{method}")
+        importlib.import_module(f"keel.tasks.ssl.{method}")
         return True
     except ImportError:
         return False

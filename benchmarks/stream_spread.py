@@ -25,7 +25,8 @@ import ssl_methods as B  # noqa: E402
 
 import keel.engine.distributed as D  # noqa: E402
 from keel.engine.trainer import Trainer  # noqa: E402
-from keel.methods.base import _METHODS, list_methods  # noqa: E402
+from keel.tasks.ssl import list_methods
+from keel.tasks.ssl.base import _METHODS  # noqa: E402
 
 
 def epoch_streams(method: str, generator, order=None) -> None:

@@ -18,20 +18,31 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from keel import hub
+from keel.config import FinetuneConfig, override
 from keel.data.sources import build_dataset
-from keel.evaluate.finetune import FinetuneConfig, bit_recipe, finetune, load_for_finetune, run_finetune
-from keel.evaluate.lr_search import search_lr
 from keel.evaluate.suite import sample_fraction
+from keel.jobs.finetune import finetune, run_finetune
 from keel.models.registry import create_model
+from keel.recipes.lr_search import search_lr
+from keel.recipes.supervised import bit_recipe
 
 
 def top1(res: dict) -> float:
     return res["final"]["top1"]
+
+
+def config(values: dict) -> FinetuneConfig:
+    """The default fine-tuning config with ``{"section.key": value}`` set."""
+    return override(FinetuneConfig(), values)
+
+
+def load(spec: str, size: int, seed: int = 0) -> torch.nn.Module:
+    return hub.resolve_backbone(spec, size, seed=seed)[0]
 
 
 def labels_experiment(ssl: str, fractions: list[float], epochs: list[int], size: int, out: Path) -> list[dict]:
@@ -40,13 +51,13 @@ def labels_experiment(ssl: str, fractions: list[float], epochs: list[int], size:
     rows = []
     for frac, ep in zip(fractions, epochs):
         sub = train.subset(sample_fraction(train.labels, frac, seed=0))   # the suite's --label-fractions subset
-        cfg = FinetuneConfig(img_size=size, epochs=ep, warmup_epochs=min(5.0, ep / 5), lr=2e-3, eval_every=0,
-                             batch_size=128, device="auto", num_workers=0)
+        cfg = config({"data.img_size": size, "train.epochs": ep, "train.warmup_epochs": min(5.0, ep / 5),
+                      "train.lr": 2e-3, "train.eval_every": 0, "train.batch_size": 128, "train.device": "auto",
+                      "data.num_workers": 0})
         for name, spec in (("ssl", ssl), ("scratch", "random:" + _model_of(ssl))):
             torch.manual_seed(0)
             t = time.time()
-            res = finetune(load_for_finetune(spec, size), sub, test, cfg, run_dir=out / f"labels-{frac}-{name}",
-                           progress=False)
+            res = finetune(load(spec, size), sub, test, cfg, run_dir=out / f"labels-{frac}-{name}", progress=False)
             rows.append({"experiment": "labels", "fraction": frac, "images": len(sub), "epochs": ep, "init": name,
                          "top1": top1(res), "seconds": round(time.time() - t, 1)})
             print(rows[-1], flush=True)
@@ -62,11 +73,12 @@ def distill_experiment(epochs: int, kinds: list[str], out: Path) -> list[dict]:
     size = 16
     train = build_dataset("digits", "train", size, labeled=True)
     test = build_dataset("digits", "test", size, labeled=True)
-    base = FinetuneConfig(img_size=size, epochs=epochs, eval_every=0, batch_size=128, device="auto", num_workers=0,
-                          label_smoothing=0.1, drop_path_rate=0.0)
+    base = config({"data.img_size": size, "train.epochs": epochs, "train.eval_every": 0, "train.batch_size": 128,
+                   "train.device": "auto", "data.num_workers": 0, "task.label_smoothing": 0.1,
+                   "model.drop_path_rate": 0.0})
     torch.manual_seed(0)
     t = time.time()
-    teacher_res = finetune(create_model("resnet10_cifar"), train, test, replace(base, lr=4e-3),
+    teacher_res = finetune(create_model("resnet10_cifar"), train, test, override(base, {"train.lr": 4e-3}),
                            run_dir=out / "distill-teacher", progress=False)
     rows = [{"experiment": "distill", "model": "teacher resnet10_cifar", "top1": top1(teacher_res),
              "seconds": round(time.time() - t, 1)}]
@@ -77,7 +89,8 @@ def distill_experiment(epochs: int, kinds: list[str], out: Path) -> list[dict]:
         torch.manual_seed(0)
         t = time.time()
         res = finetune(create_model("deit_tiny_distilled_patch16", **student), train, test,
-                       replace(base, lr=1e-3, distill=kind), run_dir=out / f"distill-{kind}", progress=False,
+                       override(base, {"train.lr": 1e-3, "distill.kind": kind}), run_dir=out / f"distill-{kind}",
+                       progress=False,
                        teacher=None if kind == "none" else teacher)
         rows.append({"experiment": "distill", "model": f"deit student, distill={kind}", "top1": top1(res),
                      "seconds": round(time.time() - t, 1)})
@@ -88,8 +101,9 @@ def distill_experiment(epochs: int, kinds: list[str], out: Path) -> list[dict]:
 def bit_upstream(model: str, epochs: int, size: int, out: Path) -> tuple[str, dict]:
     """BiT upstream: ``model`` trained from scratch on all of Fashion-MNIST with ``recipe=bit-upstream``;
     returns the run directory (a backbone spec for the downstream runs) and its row."""
-    cfg = FinetuneConfig(backbone=f"random:{model}", source="fashion-mnist", recipe="bit-upstream", img_size=size,
-                         epochs=epochs, batch_size=256, eval_every=0, device="auto", num_workers=0)
+    cfg = config({"model.backbone": f"random:{model}", "data.source": "fashion-mnist", "recipe.name": "bit-upstream",
+                  "data.img_size": size, "train.epochs": epochs, "train.batch_size": 256, "train.eval_every": 0,
+                  "train.device": "auto", "data.num_workers": 0})
     t = time.time()
     res = run_finetune(cfg, run_dir=out / "bit-upstream", progress=False)
     row = {"experiment": "hyperrule", "run": f"bit-upstream {model} on fashion-mnist", "epochs": epochs,
@@ -101,27 +115,34 @@ def bit_upstream(model: str, epochs: int, size: int, out: Path) -> tuple[str, di
 def hyperrule_experiment(side: int, scale: float, lrs: list[float] | None, backbone: str, out: Path) -> list[dict]:
     """keel's ``recipe=bit`` (the rule, its lr chosen on held-out training images) against a manual
     sweep of the lr scored on the test split, and BiT's fixed lr (0.0015 per 256) among the sweep."""
-    rule = bit_recipe(FinetuneConfig(backbone=backbone, source="digits", recipe="bit", recipe_max_side=side,
-                                     device="auto", eval_every=0, num_workers=0), progress=True)
-    rule = replace(rule, epochs=max(1, round(rule.epochs * scale)))
-    train = build_dataset("digits", "train", rule.img_size, labeled=True)
-    test = build_dataset("digits", "test", rule.img_size, labeled=True)
+    asked = config({"model.backbone": backbone, "data.source": "digits", "recipe.name": "bit",
+                    "recipe.max_side": side, "train.device": "auto", "train.eval_every": 0, "data.num_workers": 0})
+    # the rule reads the training set's size (and digits' own 8 px side)
+    rule = bit_recipe(asked, build_dataset("digits", "train", 8, labeled=True), progress=True)
+    rule = override(rule, {"train.epochs": max(1, round(rule.train.epochs * scale))})
+    size = rule.data.img_size
+    train = build_dataset("digits", "train", size, labeled=True)
+    test = build_dataset("digits", "test", size, labeled=True)
     rows = []
 
     def run(name: str, cfg: FinetuneConfig, t: float, **extra) -> None:
         torch.manual_seed(0)
-        res = finetune(load_for_finetune(backbone, rule.img_size), train, test, cfg, run_dir=out / f"hyperrule-{name}",
-                       progress=False)
-        rows.append({"experiment": "hyperrule", "run": name, "backbone": backbone, "lr": cfg.lr, "epochs": cfg.epochs,
-                     "top1": top1(res), "seconds": round(time.time() - t, 1), **extra})
+        res = finetune(load(backbone, size), train, test, cfg, run_dir=out / f"hyperrule-{name}", progress=False)
+        rows.append({"experiment": "hyperrule", "run": name, "backbone": backbone, "lr": cfg.train.lr,
+                     "epochs": cfg.train.epochs, "top1": top1(res), "seconds": round(time.time() - t, 1), **extra})
         print(rows[-1], flush=True)
 
+    def candidate(cfg, fit, held, objective, run_dir, resume):
+        # as run_finetune trains each candidate: a fresh backbone at the run's seed
+        return finetune(load(backbone, size, seed=cfg.train.seed), fit, held, cfg, task=objective, run_dir=run_dir,
+                        progress=False, resume=resume)
+
     t = time.time()
-    chosen, record = search_lr(rule, train, None, out / "hyperrule-recipe-bit", progress=False)
+    chosen, record = search_lr(rule, train, None, out / "hyperrule-recipe-bit", candidate, progress=False)
     run("recipe-bit", chosen, t, search=record["scores"], holdout=record["holdout"])
-    for lr in lrs or rule.lr_search:
-        run(f"manual lr={lr:g}" + (" (BiT's fixed lr)" if lr == 0.0015 else ""), replace(rule, lr=lr, lr_search=[]),
-            time.time())
+    for lr in lrs or rule.recipe.lr_search:
+        run(f"manual lr={lr:g}" + (" (BiT's fixed lr)" if lr == 0.0015 else ""),
+            override(rule, {"train.lr": lr, "recipe.lr_search": []}), time.time())
     return rows
 
 

@@ -75,8 +75,10 @@ def test_missing_data_fails_before_any_run_dir(tmp_path, monkeypatch, capsys):
     (["pretrain", "-c", "missing.yaml"], "missing.yaml"),
     (["pretrain", "model.name=resnet99"], "resnet99"),
     (["pretrain", "--resume", "not-a-run"], "not-a-run"),
-    (["eval", "knn", "--checkpoint", "no/such/run"], "no/such/run"),
-    (["eval", "knn", "--checkpoint", "random:resnet99"], "resnet99"),
+    (["eval", "knn", "model.backbone=no/such/run"], "no/such/run"),
+    (["eval", "knn", "model.backbone=random:resnet99"], "resnet99"),
+    (["eval", "knn", "data.source=digits"], "model.backbone is not set"),
+    (["finetune", "model.backbone=no/such/run"], "model.backbone: no such file"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, needle, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -99,7 +101,7 @@ def test_pretrain_resume_then_eval_knn(tiny_overrides, tmp_path, capsys):
     assert "resumed from step 4" in out and "done: 8 steps" in out
 
     res_file = tmp_path / "res.json"
-    assert main(["eval", "knn", "--checkpoint", str(run), "--data", "digits", "--json", str(res_file)]) == 0
+    assert main(["eval", "knn", f"model.backbone={run}", "data.source=digits", f"eval.json={res_file}"]) == 0
     out = capsys.readouterr().out
     assert "knn_top1@20" in out and "knn_top1@200" in out and "linear" not in out
     res = json.loads(res_file.read_text())
@@ -107,13 +109,27 @@ def test_pretrain_resume_then_eval_knn(tiny_overrides, tmp_path, capsys):
 
 
 def test_eval_linear_random_baseline(capsys):
-    argv = ["eval", "linear", "--checkpoint", "random:resnet10_cifar", "--data", "digits", "--img-size", "8",
-            "--epochs", "5", "--device", "cpu"]
+    argv = ["eval", "linear", "model.backbone=random:resnet10_cifar", "data.source=digits", "data.img_size=8",
+            "eval.linear_epochs=5", "run.device=cpu"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "linear_top1" in out and "knn" not in out
     acc = float(next(line for line in out.splitlines() if "linear_top1" in line).split()[-1])
     assert 0 <= acc <= 100
+    # the same command gives the same number (the random backbone and the probe are seeded)
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert float(next(line for line in again.splitlines() if "linear_top1" in line).split()[-1]) == acc
+
+
+def test_eval_still_takes_the_old_flags_with_one_line_of_warning(capsys):
+    argv = ["eval", "knn", "--checkpoint", "random:resnet10_cifar", "--data", "digits", "--img-size", "8",
+            "--k", "5", "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "knn_top1@5" in captured.out
+    warn = [line for line in captured.err.splitlines() if "deprecated" in line]
+    assert len(warn) == 1 and "--checkpoint -> model.backbone" in warn[0] and "--k -> eval.knn_k" in warn[0]
 
 
 def test_python_dash_m_keel():
@@ -140,14 +156,14 @@ def test_models_prints_gmacs_and_head_option(capsys):
 
 def test_finetune_and_fewshot_commands(tmp_path, capsys):
     out = tmp_path / "ft"
-    assert main(["finetune", "backbone=random:resnet10_cifar", "img_size=8", "epochs=1", "lr=3e-2",
-                 "device=cpu", "--out", str(out)]) == 0
+    assert main(["finetune", "model.backbone=random:resnet10_cifar", "data.img_size=8", "train.epochs=1",
+                 "train.lr=3e-2", "train.device=cpu", "--out", str(out)]) == 0
     assert "top1" in capsys.readouterr().out
     assert (out / "classifier.safetensors").is_file() and (out / "config.yaml").is_file()
-    assert main(["finetune", "img_size=8"]) == 2  # no backbone: one-line error
+    assert main(["finetune", "data.img_size=8"]) == 2  # no backbone: one-line error
     assert "backbone is not set" in capsys.readouterr().err
-    assert main(["eval", "fewshot", "--checkpoint", "random:resnet10_cifar", "--img-size", "8", "--shots", "1", "5",
-                 "--draws", "2", "--device", "cpu", "--json", str(tmp_path / "fs.json")]) == 0
+    assert main(["eval", "fewshot", "model.backbone=random:resnet10_cifar", "data.img_size=8", "eval.shots=[1,5]",
+                 "eval.draws=2", "run.device=cpu", f"eval.json={tmp_path / 'fs.json'}"]) == 0
     res = json.loads((tmp_path / "fs.json").read_text())
     assert set(res) == {"knn", "linear"} and len(res["knn"]["5"]["values"]) == 2
 
@@ -156,13 +172,13 @@ def test_finetune_and_fewshot_commands(tmp_path, capsys):
 def test_eval_suite_rejects_label_fractions_outside_0_1(value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KEEL_DEBUG", raising=False)
-    argv = ["eval", "suite", "--checkpoint", "random:resnet10_cifar", "--data", "digits",
-            "--label-fractions", "0.1", value, "--out", str(tmp_path / "suite")]
+    argv = ["eval", "suite", "model.backbone=random:resnet10_cifar", "data.source=digits",
+            f"eval.label_fractions=[0.1,{value}]", f"eval.out={tmp_path / 'suite'}"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("keel eval: error: label fractions must lie in (0, 1]"), err
     assert f"got {float(value):g} " in err[0] and "0.1" not in err[0].split("got")[1].split("(")[0]
     assert os.listdir(tmp_path) == []            # refused before any data is read or file written
     # and only the suite takes them
-    assert main(["eval", "knn", "--checkpoint", "random:resnet10_cifar", "--label-fractions", "0.1"]) == 2
-    assert "--label-fractions is for `keel eval suite`" in capsys.readouterr().err
+    assert main(["eval", "knn", "model.backbone=random:resnet10_cifar", "eval.label_fractions=[0.1]"]) == 2
+    assert "eval.label_fractions is for `keel eval suite`" in capsys.readouterr().err

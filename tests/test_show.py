@@ -30,7 +30,7 @@ def _error(capsys) -> str:
 
 @pytest.fixture(scope="module")
 def vit_run(tiny_cfg_factory, tmp_path_factory):
-    from keel.engine.pretrain import pretrain
+    from keel.jobs.pretrain import pretrain
 
     run = tmp_path_factory.mktemp("show") / "vit-run"
     pretrain(tiny_cfg_factory(*VIT_RUN), run_dir=run, quiet=True)
@@ -141,9 +141,9 @@ def test_mae_of_another_method_names_it(vit_run, capsys):
 
 
 def test_mae_png_and_visible_patches_kept(tiny_cfg_factory, tmp_path, capsys):
-    from keel.engine.pretrain import pretrain
+    from keel.jobs.pretrain import pretrain
 
-    import keel.methods.mae  # noqa: F401  (registers the method for pretrain)
+    import keel.tasks.ssl.mae  # noqa: F401  (registers the method for pretrain)
 
     run = tmp_path / "mae-run"
     pretrain(tiny_cfg_factory(*MAE_RUN), run_dir=run, quiet=True)

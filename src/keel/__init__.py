@@ -1,12 +1,11 @@
 """keel: pretrain vision backbones on your own images and transfer them to your tasks."""
+from keel.engine.checkpoint import load_backbone as _load
 from keel.models.registry import create_model, list_models
-
-__version__ = "0.1.0"
+from keel.version import __version__
 
 
 def load_backbone(path, map_location="cpu"):
     """Rebuild a backbone from a run's ``backbone.safetensors`` + ``card.json``."""
-    from keel.engine.checkpoint import load_backbone as _load
     return _load(path, map_location=map_location)
 
 

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from keel.config import ConfigError, RunConfig, load_config
+from keel.cli_eval import add_parser as add_eval_parser
+from keel.cli_eval import cmd_eval
+from keel.config import ConfigError, EvalJobConfig, RunConfig, load_config
 
 MAIN_HELP = """\
 keel pretrains vision backbones on your own images (mostly unlabeled) and measures how well
@@ -18,11 +20,11 @@ they transfer.
 a 5-minute tour:
   keel demo                                    # pretrain on built-in digits, compare with random init
   keel pretrain data.source=path/to/images     # self-supervised pretraining on your folder
-  keel eval knn --checkpoint runs/<run> --data fashion-mnist
+  keel eval knn model.backbone=runs/<run> data.source=fashion-mnist
   keel show neighbors --checkpoint runs/<run> --data digits   # pictures: neighbors, attention, mae
   keel pretrain method.name=swav model.name=keel_tiny         # also mae simmim dino mocov3 byol simsiam rotation
-  keel finetune backbone=runs/<run> source=digits             # fine-tune on labeled data
-  keel eval suite --checkpoint runs/<run> random:resnet18_cifar --data digits fashion-mnist --out runs/report
+  keel finetune model.backbone=runs/<run> data.source=digits  # fine-tune on labeled data
+  keel eval suite model.backbone=[runs/<run>,random:resnet18_cifar] data.source=[digits,fashion-mnist]
   keel models                                  # the backbones you can pretrain
 
 every sub-command has its own --help with examples.
@@ -40,34 +42,6 @@ examples:
 configuration: defaults < the YAML file given with -c < key=value overrides. The resolved config
 is saved as config.yaml in the run directory. Keys and defaults:
 {keys}"""
-
-EVAL_EPILOG = """\
-protocols:
-  knn      cosine kNN with temperature-weighted votes (k = 20 and 200, t = 0.1), top-1 and top-5
-  linear   a linear classifier trained on frozen, cached features
-  all      both
-  fewshot  1/5/10/25 labeled images per class (--shots), several random draws (--draws), mean +- std
-           of kNN and linear probe (add --finetune for the fine-tune protocol too)
-  suite    several checkpoints side by side on several datasets (--checkpoint A B .., --data X Y ..):
-           kNN, linear probe, few-shot, a short fine-tuning (--finetune-epochs, or --hyperrule for
-           BiT-HyperRule's schedule) and robustness to noise/blur/contrast/JPEG (--severity); writes
-           report.md, report.json and PNGs into --out (one table per dataset, best in bold);
-           --label-fractions 0.01 0.1 1 adds linear probe and fine-tuning on 1%, 10% and 100% of
-           the training labels (class-balanced, the same images for every checkpoint)
-
-examples:
-  keel eval fewshot --checkpoint runs/my-run --data fashion-mnist --shots 1 5 10 --draws 5
-  keel eval knn --checkpoint runs/my-run --data digits
-  keel eval all --checkpoint runs/my-run/backbone.safetensors --data fashion-mnist --img-size 32
-  keel eval linear --checkpoint random:resnet10_cifar --data digits    # an untrained baseline
-  keel eval suite --checkpoint runs/run-a runs/run-b random:resnet18_cifar --data digits fashion-mnist \\
-      --shots 1 5 10 --finetune-epochs 5 --out runs/suite
-  keel eval suite --checkpoint runs/my-run random:resnet18_cifar --data fashion-mnist \\
-      --protocols linear finetune --label-fractions 0.01 0.1 1 --out runs/labels
-  keel eval knn --checkpoint runs/my-run --data path/to/labeled   # one sub-folder per class;
-                                                                  # train/ + test/ inside, or every
-                                                                  # 5th image is held out as test
-"""
 
 DEMO_EPILOG = """\
 what it does: pretrains a small ResNet with SimCLR on scikit-learn's digits (1,797 8x8 images,
@@ -106,42 +80,47 @@ examples:
 
 
 FINETUNE_EPILOG = """\
-modes:
-  full     every layer trains (with layer-wise lr decay if layer_decay < 1)
-  partial  the last `partial_blocks` blocks and the head train; the rest is frozen (BN statistics too)
+modes (task.mode):
+  full     every layer trains (with layer-wise lr decay if train.layer_decay < 1)
+  partial  the last task.partial_blocks blocks and the head train; the rest is frozen (BN statistics too)
   linear   only a linear head on frozen features (with a non-affine BN before it, as MAE's probe)
 
-backbone: a keel run directory or backbone.safetensors, a keel finetune run (its backbone, the head
-left behind), timm:<model>:<weights.safetensors|.pth> (timm weights on disk, converted), or
-random:<model> (training from scratch, the baseline).
+model.backbone: a keel run directory (pretraining or fine-tuning: its backbone, the head left
+behind), a .safetensors file with its card.json, timm:<model>:<weights.safetensors|.pth> (timm
+weights on disk, converted), or random:<model> (training from scratch, the baseline).
+data.img_size: 0 (default) = the size the backbone was trained at; random:/timm: the model's own.
 
-source: a built-in name, a labeled folder, or a CSV: image,labels (multi-label, "a;b") or
-image,primary,secondary (two-level); its test split is test_source= or every 5th row.
+data.source: a built-in name, a labeled folder, or a CSV: image,labels (multi-label, "a;b") or
+image,primary,secondary (two-level); its test split is data.test_source= or every 5th row.
+
+views: a random resized crop (aug.scale_min of the area at least) and a horizontal flip
+(aug.hflip=0 for images whose orientation matters, e.g. digits or text).
 
 examples:
-  keel finetune backbone=runs/my-run source=digits epochs=30
-  keel finetune backbone=runs/my-run source=fashion-mnist mode=linear epochs=20
-  keel finetune backbone=random:resnet18_cifar source=path/to/labeled lr=2e-3
-  keel finetune backbone=timm:vit_small_patch16_224:vit_s.safetensors source=path/to/labeled img_size=224 layer_decay=0.65
-  keel finetune backbone=random:deit_tiny_patch16 source=path/to/labeled img_size=224 recipe=deit epochs=300
-  keel finetune backbone=runs/my-run source=digits recipe=deit teacher=runs/finetune-full-resnet18 distill=hard
-  keel finetune backbone=random:resnetv2_50x1_bit source=path/to/big recipe=bit-upstream epochs=90
-  keel finetune backbone=runs/<that run> source=path/to/small recipe=bit       # BiT-HyperRule decides; the lr
-                                               # is picked on held-out training images (lr=0.0015: BiT's own)
-  keel finetune backbone=runs/my-run source=digits lr_search=[0.0005,0.005,0.05]   # best on held-out images
-  keel finetune backbone=runs/my-run source=tags.csv test_source=tags-test.csv multilabel_loss=asl
+  keel finetune model.backbone=runs/my-run data.source=digits train.epochs=30
+  keel finetune model.backbone=runs/my-run data.source=fashion-mnist task.mode=linear train.epochs=20
+  keel finetune model.backbone=random:resnet18_cifar data.source=path/to/labeled train.lr=2e-3
+  keel finetune model.backbone=timm:vit_small_patch16_224:vit_s.safetensors data.source=path/to/labeled train.layer_decay=0.65
+  keel finetune model.backbone=random:deit_tiny_patch16 data.source=path/to/labeled data.img_size=224 recipe.name=deit train.epochs=300
+  keel finetune model.backbone=runs/my-run data.source=digits recipe.name=deit distill.teacher=runs/finetune-full-resnet18 distill.kind=hard
+  keel finetune model.backbone=random:resnetv2_50x1_bit data.source=path/to/big recipe.name=bit-upstream train.epochs=90
+  keel finetune model.backbone=runs/<that run> data.source=path/to/small recipe.name=bit recipe.scale=0.1
+                                  # BiT-HyperRule decides (a tenth of its steps); the lr is picked on held-out images
+  keel finetune model.backbone=runs/my-run data.source=digits recipe.lr_search=[0.0005,0.005,0.05]
+  keel finetune model.backbone=runs/my-run data.source=tags.csv data.test_source=tags-test.csv task.multilabel_loss=asl
   keel finetune --resume runs/finetune-full-resnet18_cifar-digits-<time>   # after a crash: same run, exactly
-  torchrun --nproc_per_node=8 -m keel finetune backbone=runs/my-run source=path/to/labeled batch_size=1024
+  torchrun --nproc_per_node=8 -m keel finetune model.backbone=runs/my-run data.source=path/to/labeled train.batch_size=1024
 
-configuration: defaults < the YAML file given with -c < key=value overrides; saved as config.yaml
-in the run directory with metrics.jsonl, classifier(_best).safetensors, result.json, curves.png.
-Keys and defaults:
+configuration: defaults < the YAML file given with -c < section.key=value overrides (the flat keys of
+keel 0.1, e.g. epochs=5, still work this release with a deprecation message). Saved as config.yaml
+in the run directory with the values used, beside metrics.jsonl, classifier(_best).safetensors,
+result.json and curves.png. Keys and defaults:
 {keys}"""
 
 
-def _config_keys() -> str:
+def _config_keys(cls=RunConfig) -> str:
     lines = []
-    for section in dataclasses.fields(RunConfig):
+    for section in dataclasses.fields(cls):
         sub = section.default_factory()
         if not dataclasses.is_dataclass(sub):
             lines.append(f"  {section.name}: a list of per-stage overrides, e.g. "
@@ -153,9 +132,8 @@ def _config_keys() -> str:
 
 
 def _finetune_keys() -> str:
-    from keel.evaluate.finetune import FinetuneConfig
-    items = [f"{f.name}={getattr(FinetuneConfig(), f.name)!r}" for f in dataclasses.fields(FinetuneConfig)]
-    return "\n".join("  " + ", ".join(items[i:i + 6]) for i in range(0, len(items), 6))
+    from keel.config import FinetuneConfig
+    return _config_keys(FinetuneConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,42 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", metavar="RUN_DIR", help="run directory (default: train.out_dir/<generated name>)")
     pt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
 
-    ev = sub.add_parser("eval", help="kNN / linear probe of a backbone on frozen features",
-                        description="Evaluate a backbone's frozen features on a labeled dataset.",
-                        epilog=EVAL_EPILOG, formatter_class=fmt)
-    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot", "suite"])
-    ev.add_argument("--checkpoint", required=True, nargs="+",
-                    help="a run directory, a backbone.safetensors with its card.json, or random:MODEL "
-                         "(suite: several; also timm:MODEL:FILE)")
-    ev.add_argument("--data", default=["digits"], nargs="+",
-                    help="built-in name or labeled folder (default: digits; suite: several)")
-    ev.add_argument("--img-size", type=int, help="image side (default: the one the backbone was trained at)")
-    ev.add_argument("--k", type=int, nargs="+", default=[20, 200], help="kNN neighbours (default: 20 200)")
-    ev.add_argument("--temperature", type=float, default=0.1, help="kNN vote temperature (default: 0.1)")
-    ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs (default: 100)")
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    ev.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25], help="fewshot: images per class (default: 1 5 10 25)")
-    ev.add_argument("--draws", type=int, default=3, help="fewshot: random draws per shot count (default: 3)")
-    ev.add_argument("--finetune", action="store_true", help="fewshot, suite: also fine-tune on each draw (slow)")
-    ev.add_argument("--out", metavar="DIR", help="suite: folder for the report (default: runs/suite-<time>)")
-    ev.add_argument("--protocols", nargs="+", choices=["knn", "linear", "fewshot", "finetune", "robustness"],
-                    default=["knn", "linear", "fewshot", "finetune", "robustness"],
-                    help="suite: which protocols to run (default: all)")
-    ev.add_argument("--finetune-epochs", type=int, default=10, help="suite: epochs of the short fine-tuning (default: 10)")
-    ev.add_argument("--hyperrule", action="store_true",
-                    help="suite: fine-tune with BiT-HyperRule's schedule (SGD, steps by dataset size) and "
-                         "its fixed lr instead (no lr search: one run per dataset and checkpoint)")
-    ev.add_argument("--hyperrule-scale", type=float, default=1.0,
-                    help="suite: multiply BiT-HyperRule's step counts, e.g. 0.1 for a quick look (default: 1)")
-    ev.add_argument("--severity", type=int, default=3, help="suite: corruption severity 1..5 for robustness (default: 3)")
-    ev.add_argument("--seed", type=int, default=0,
-                    help="suite: few-shot draws, label fractions, fine-tuning, noise (default: 0)")
-    ev.add_argument("--label-fractions", type=float, nargs="+", default=[], metavar="F",
-                    help="suite: also train the linear probe (and, with the finetune protocol, the fine-tuning) on "
-                         "these fractions of the training labels, each in (0, 1]: e.g. 0.01 0.1 1 for 1%%, 10%% and "
-                         "all of them. Class-balanced (round(F x n) images of a class of n, at least one), the same "
-                         "images for every checkpoint; the test split stays whole (default: none)")
+    add_eval_parser(sub, _config_keys(EvalJobConfig), fmt)
 
     ft = sub.add_parser("finetune", help="fine-tune a backbone on labeled data (full, partial, linear)",
                         description="Fine-tune a pretrained (or random) backbone on a labeled dataset.",
@@ -263,7 +206,7 @@ def _version() -> str:
 # ---------------------------------------------------------------- sub-commands
 def cmd_pretrain(args) -> int:
     from keel.engine.distributed import rank
-    from keel.engine.pretrain import pretrain
+    from keel.jobs.pretrain import pretrain
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -285,88 +228,14 @@ def cmd_pretrain(args) -> int:
 
 
 def _load_for_eval(spec: str, img_size: int | None):
-    """-> (backbone, img_size) from a run/weights path or ``random:MODEL``."""
-    from keel import create_model
-    from keel.engine.checkpoint import load_backbone, read_card
-
-    if spec.startswith("random:"):
-        size = img_size or 32
-        return create_model(spec.split(":", 1)[1], img_size=size), size
-    _, card = read_card(spec)
-    size = img_size or card.get("model_kwargs", {}).get("img_size") or card.get("data", {}).get("img_size", 224)
-    return load_backbone(spec), size
-
-
-def cmd_eval(args) -> int:
-    import torch
-
-    from keel.data.sources import labeled_splits
-    from keel.engine.distributed import resolve_device
-    from keel.evaluate.frozen import evaluate_frozen
-
-    if args.protocol == "suite":
-        return _suite(args)
-    if args.label_fractions:
-        raise ValueError(f"--label-fractions is for `keel eval suite`, not `keel eval {args.protocol}`")
-    for flag in ("checkpoint", "data"):
-        values = getattr(args, flag)
-        if len(values) != 1:
-            raise ValueError(f"--{flag} takes one value for `keel eval {args.protocol}` (several only for suite)")
-        setattr(args, flag, values[0])
-    backbone, size = _load_for_eval(args.checkpoint, args.img_size)
-    train, test = labeled_splits(args.data, size)
-    device = resolve_device(args.device)
-    if args.protocol == "fewshot":
-        return _fewshot(args, backbone.to(device), train, test, size, device)
-    protocols = ("knn", "linear") if args.protocol == "all" else (args.protocol,)
-    res = evaluate_frozen(backbone.to(device), train, test, size, device, protocols=protocols, ks=args.k,
-                          temperature=args.temperature, linear_epochs=args.epochs, progress=True,
-                          amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    print(f"{args.checkpoint} on {args.data} ({len(train)} train / {len(test)} test images)")
-    for k, v in res.items():
-        print(f"  {k:<18} {v:6.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0
-
-
-def _fewshot(args, backbone, train, test, size, device) -> int:
-    from keel.evaluate.fewshot import fewshot
-    protocols = ("knn", "linear", "finetune") if args.finetune else ("knn", "linear")
-    res = fewshot(backbone, train, test, shots=args.shots, draws=args.draws, protocols=protocols, img_size=size,
-                  knn_k=min(args.k), knn_t=args.temperature, device=str(device), progress=True)
-    print(f"{args.checkpoint} on {args.data}: few-shot top-1 (%), mean +- std over {args.draws} draws")
-    print("  shots  " + "".join(f"{p:>16}" for p in protocols))
-    for n in args.shots:
-        print(f"  {n:>5}  " + "".join(f"{res[p][n]['mean']:>9.2f} +-{res[p][n]['std']:>5.2f}" for p in protocols))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0
-
-
-def _suite(args) -> int:
-    from keel.evaluate.suite import run_suite
-    out = Path(args.out) if args.out else Path("runs") / f"suite-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = run_suite(args.checkpoint, args.data, out, shots=args.shots, draws=args.draws,
-                       finetune_epochs=args.finetune_epochs, img_size=args.img_size, protocols=args.protocols,
-                       device=args.device, progress=True, seed=args.seed, knn_ks=args.k, knn_t=args.temperature,
-                       linear_epochs=args.epochs,
-                       fewshot_protocols=("knn", "linear", "finetune") if args.finetune else ("knn", "linear"),
-                       finetune_recipe="hyperrule" if args.hyperrule else "short",
-                       hyperrule_scale=args.hyperrule_scale, severity=args.severity,
-                       label_fractions=args.label_fractions)
-    text = (out / "report.md").read_text()
-    blocks = [b for b in text.split("\n\n") if not b.startswith("![")]
-    print("\n" + "\n\n".join(blocks))
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and "
-          f"{sum(len(f) for f in report['files']['figures'].values())} PNGs")
-    if args.json:
-        Path(args.json).write_text((out / "report.json").read_text())
-    return 0
+    """-> (backbone, img_size): keel.hub's one rule (the size the backbone was trained at)."""
+    from keel import hub
+    return hub.resolve_backbone(spec, img_size, arg="--checkpoint")
 
 
 def cmd_finetune(args) -> int:
-    from keel.evaluate.finetune import FinetuneConfig, default_run_dir, run_finetune
+    from keel.config import FinetuneConfig
+    from keel.jobs.finetune import default_run_dir, run_finetune
     if args.resume:
         if args.config or args.out or args.overrides:
             raise ConfigError("--resume continues a run with its own config.yaml and directory: "
@@ -411,10 +280,13 @@ def cmd_show(args) -> int:
     from keel.engine.checkpoint import read_card
 
     backbone, size = _load_for_eval(spec, args.img_size)
-    if spec.startswith("random:"):
+    if spec.startswith(("random:", "timm:")):
         card, default_out, name = {}, Path("."), spec
     else:
-        _, card = read_card(spec)
+        try:
+            _, card = read_card(spec)
+        except (FileNotFoundError, ValueError):     # a fine-tune run: no card, its data in config.yaml
+            card = {}
         default_out = Path(spec) if Path(spec).is_dir() else Path(spec).parent
         name = default_out.resolve().name
     data = args.data or card.get("data", {}).get("source") or "digits"
@@ -469,7 +341,7 @@ COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval
 
 def main(argv: list[str] | None = None) -> int:
     from keel.data.sources import DataError
-    from keel.engine.trainer import TrainingError
+    from keel.errors import TrainingError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -6,6 +6,7 @@ A run is fully described by one :class:`RunConfig`; the trainer saves the resolv
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,17 +90,26 @@ class AugConfig:
 
 @dataclass
 class TrainConfig:
+    """The trainer's section, the same for every job; each job has its own defaults for some keys."""
     epochs: int = 10
     batch_size: int = 256           # global batch, split across processes
     optimizer: str = "adamw"        # adamw | lars | sgd
-    lr: float = 1e-3                # base lr for a batch of 256, scaled linearly with batch size
-    weight_decay: float = 1e-4      # never applied to norms and biases
+    lr: float | None = 1e-3         # base lr for a batch of 256, scaled linearly with batch size
+    weight_decay: float | None = 1e-4   # never applied to norms, biases and tokens
     weight_decay_end: float | None = None  # cosine schedule of weight decay from weight_decay to this
                                            # over the run (DINO: 0.04 -> 0.4); None = constant
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    momentum: float = 0.9           # sgd and lars
+    schedule: str = "cosine"        # cosine (to min_lr) | step (x0.1 at each milestone)
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # step: fractions of training
+    warmup_epochs: float = 1.0      # linear warm-up from 0 (at most the whole run)
     min_lr: float = 0.0
-    clip_grad: float = 0.0          # 0 = no clipping
+    layer_decay: float = 1.0        # layer-wise lr decay (BEiT/MAE): each block below the top gets this
+                                    # factor less lr; heads and projectors keep the full lr; 1.0 = off
+    clip_grad: float = 0.0          # max gradient norm; 0 = no clipping
+    drop_last: bool = True          # True: n // batch_size full batches per epoch; False: ceil(n /
+                                    # batch_size) near-equal batches (no image left out)
+    repeated_aug: int = 1           # copies of each image per batch, each with its own views (DeiT: 3)
+    model_ema: float = 0.0          # EMA decay per step (0: off); evaluated beside the model
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     channels_last: bool = True      # only used for conv nets on GPU
@@ -107,7 +117,8 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 0             # steps between checkpoints; 0 = once per epoch
     log_every: int = 10             # steps between metric lines
-    knn_every: int = 1              # epochs between kNN monitors; 0 = off
+    eval_every: int = 1             # epochs between evaluations on the test split (fine-tuning); 0 = at the end
+    knn_every: int = 1              # epochs between kNN monitors (pretraining); 0 = off
     knn_subset: int = 5000          # monitor on at most this many train/test images
     out_dir: str = "runs"
     run_name: str = ""              # default: <method>-<model>-<data>-<time>
@@ -134,6 +145,164 @@ class RunConfig:
     # [{train: {epochs: 5}, data: {img_size: 16}}, {train: {epochs: 10}}]. Stage i starts from
     # stage i-1's weights and optimizer state. Empty = one stage, this config. See keel.engine.stages.
     stages: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- fine-tuning
+@dataclass
+class FinetuneDataConfig(DataConfig):
+    img_size: int = 0               # 0: the size the backbone was trained at (random:/timm: the model's own)
+    test_source: str = ""           # a CSV source's test CSV; "" = every 5th row of source held out
+
+
+@dataclass
+class BackboneConfig:
+    backbone: str = ""              # a run directory (pretraining or fine-tuning), a .safetensors file,
+                                    # timm:<model>:<file> or random:<model> (keel.hub)
+    drop_path_rate: float = 0.1     # stochastic depth of the last block, linear from 0 at the first
+
+
+@dataclass
+class FinetuneAugConfig:
+    """Fine-tuning's views: a random resized crop and a flip per image, DeiT's extras optional."""
+    scale_min: float = 0.35         # the crop keeps this fraction of the image area at least
+    hflip: float = 0.5              # horizontal flip probability (0 for orientation-bearing images)
+    randaugment: str = ""           # timm-style spec, e.g. rand-m9-mstd0.5-inc1 ("": off)
+    reprob: float = 0.0             # random erasing probability per image
+    mixup: float = 0.0              # Mixup's Beta alpha (0: off)
+    cutmix: float = 0.0             # CutMix's Beta alpha (0: off)
+    mix_switch_prob: float = 0.5    # both on: CutMix with this probability per batch, else Mixup
+
+
+@dataclass
+class ClassifyConfig:
+    mode: str = "full"              # full | partial (last partial_blocks blocks + head) | linear (head)
+    partial_blocks: int = 2         # partial: blocks that train, counted from the last (0: final norm + head)
+    label_smoothing: float = 0.1
+    multilabel_loss: str = "bce"    # multi-label CSV: bce | asl (asymmetric loss)
+    threshold: float = 0.5          # multi-label CSV: sigmoid threshold of the F1 scores
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""               # classifier to distill from: a keel finetune run, timm:<model>:<file>, random:<model>
+    kind: str = "none"              # none | hard (the teacher's argmax) | soft (KL at tau)
+    tau: float = 1.0                # soft distillation temperature
+    alpha: float = 0.5              # loss = (1 - alpha) * base + alpha * distillation
+
+
+@dataclass
+class RecipeConfig:
+    name: str = ""                  # "" | deit | bit-upstream | bit (keel.recipes)
+    max_side: int = 0               # bit: cap the HyperRule's resolution for small machines; 0 = none
+    scale: float = 1.0              # bit: multiply BiT-HyperRule's step counts (0.1: a tenth of the run)
+    lr_search: list[float] = field(default_factory=list)  # lrs to try on held-out training images first; [] = off
+    lr_search_holdout: float = 0.2  # lr_search: fraction of each class's training images held out
+
+
+def _finetune_train() -> TrainConfig:
+    # lr and weight decay None: the optimizer's own (keel.recipes.DEFAULT_LR); every image is used
+    return TrainConfig(epochs=50, batch_size=128, lr=None, weight_decay=None, warmup_epochs=5.0,
+                       drop_last=False, log_every=50)
+
+
+@dataclass
+class FinetuneConfig:
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    task: ClassifyConfig = field(default_factory=ClassifyConfig)
+    aug: FinetuneAugConfig = field(default_factory=FinetuneAugConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+
+
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class EvalDataConfig:
+    source: list[str] = field(default_factory=lambda: ["digits"])  # built-in names or labeled folders (suite: several)
+    img_size: int = 0               # 0: each backbone's own size (the size it was trained at)
+
+
+@dataclass
+class EvalModelConfig:
+    backbone: list[str] = field(default_factory=list)  # run dirs, .safetensors, timm:<model>:<file>,
+                                                       # random:<model> (suite: several)
+
+
+@dataclass
+class EvalProtocolConfig(EvalConfig):
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])   # fewshot: images per class
+    draws: int = 3                  # fewshot: random draws per shot count
+    fewshot_finetune: bool = False  # fewshot, suite: also fine-tune on each draw (slow)
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear", "fewshot", "finetune", "robustness"])
+    finetune_epochs: int = 10       # suite: epochs of the short fine-tuning
+    hyperrule: bool = False         # suite: BiT-HyperRule's schedule and fixed lr instead
+    hyperrule_scale: float = 1.0    # suite: multiply BiT-HyperRule's step counts
+    severity: int = 3               # suite: corruption severity 1..5 for robustness
+    label_fractions: list[float] = field(default_factory=list)  # suite: also train on these fractions of the labels
+    out: str = ""                   # suite: folder for the report ("" = runs/suite-<time>)
+    json: str = ""                  # also write the results as JSON to this file
+
+
+@dataclass
+class EvalRunConfig:
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 0                   # few-shot draws, label fractions, fine-tuning, noise, linear probe
+
+
+@dataclass
+class EvalJobConfig:
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    eval: EvalProtocolConfig = field(default_factory=EvalProtocolConfig)
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+
+
+# The flat keys of keel 0.1's FinetuneConfig, still read (with a deprecation message) this release.
+FLAT_FINETUNE_KEYS = {
+    "backbone": "model.backbone", "drop_path_rate": "model.drop_path_rate",
+    "source": "data.source", "test_source": "data.test_source", "img_size": "data.img_size",
+    "num_workers": "data.num_workers",
+    "mode": "task.mode", "partial_blocks": "task.partial_blocks", "label_smoothing": "task.label_smoothing",
+    "multilabel_loss": "task.multilabel_loss", "threshold": "task.threshold",
+    **{k: f"train.{k}" for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "schedule",
+                                 "milestones", "warmup_epochs", "layer_decay", "clip_grad", "eval_every", "seed",
+                                 "device", "precision", "out_dir", "model_ema", "repeated_aug")},
+    **{k: f"aug.{k}" for k in ("randaugment", "mixup", "cutmix", "mix_switch_prob", "reprob")},
+    "teacher": "distill.teacher", "distill": "distill.kind", "distill_tau": "distill.tau",
+    "distill_alpha": "distill.alpha",
+    "recipe": "recipe.name", "recipe_max_side": "recipe.max_side", "lr_search": "recipe.lr_search",
+    "lr_search_holdout": "recipe.lr_search_holdout",
+}
+
+
+def unflatten_finetune(data: dict, warn=None) -> dict:
+    """``data`` with keel 0.1's flat fine-tuning keys moved to their sections; ``warn`` gets one
+    line naming the keys moved. A ``distill`` key holding a string is the old flat one."""
+    moved, out = [], {}
+    for key, value in data.items():
+        flat = key in FLAT_FINETUNE_KEYS and not (key in ("distill", "recipe") and isinstance(value, dict))
+        if flat:
+            section, name = FLAT_FINETUNE_KEYS[key].split(".")
+            out = merge(out, {section: {name: value}})
+            moved.append(f"{key} -> {FLAT_FINETUNE_KEYS[key]}")
+        else:
+            out = merge(out, {key: value})
+    if moved and warn is not None:
+        warn("deprecated flat keys (they stop working in the next release): " + ", ".join(moved))
+    return out
+
+
+def override(cfg, values: dict):
+    """A copy of ``cfg`` with ``{"section.key": value}`` set, checked like a config file."""
+    nested: dict = {}
+    for key, value in values.items():
+        node = nested
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(type(cfg), merge(to_dict(cfg), nested))
 
 
 def to_dict(cfg) -> dict:
@@ -248,10 +417,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, train:, ...), "
                               f"got {type(loaded).__name__}")
-        data = merge(data, loaded)
+        data = merge(data, _sections(loaded, cls))
     if overrides:
-        data = merge(data, parse_overrides(overrides))
+        data = merge(data, _sections(parse_overrides(overrides), cls))
     return from_dict(cls, data)
+
+
+def _sections(data: dict, cls) -> dict:
+    if cls is not FinetuneConfig:
+        return data
+    return unflatten_finetune(data, warn=lambda m: print(f"keel: {m}", file=sys.stderr))
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -15,11 +15,10 @@ from keel.config import load_config
 from keel.data.sources import build_dataset
 from keel.engine.checkpoint import load_backbone
 from keel.engine.distributed import resolve_device
-from keel.engine.pretrain import pretrain
-from keel.engine.trainer import model_kwargs
+from keel.jobs.pretrain import pretrain
 from keel.evaluate.frozen import evaluate_frozen
-from keel.models.registry import create_model
-from keel.show import plot_comparison, plot_run
+from keel.models.registry import create_model, model_kwargs
+from keel.viz.curves import plot_comparison, plot_run
 
 # Chosen so that the demo ends in about 2 minutes on 2 CPU cores (a small sweep of lr, epochs,
 # temperature and crop scale on digits; see README for the figures).

@@ -1,105 +1,28 @@
-"""Pictures people would rather look at than read: training curves, and from any checkpoint
-nearest-neighbour grids, ViT attention maps and MAE reconstructions (``keel show``)."""
+"""``keel show``: from any checkpoint, nearest-neighbour grids, ViT attention maps and MAE
+reconstructions. This module computes what to draw (features, neighbours, attention, masks);
+:mod:`keel.viz` draws it."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from keel.config import load_config
+from keel.data.batches import load_batches
+from keel.data.sources import DataError, build_dataset, labeled_splits
+from keel.engine.checkpoint import load_checkpoint
+from keel.evaluate.frozen import make_eval_transform
+from keel.models.registry import create_model, model_kwargs
+from keel.tasks.ssl import build_method  # importing the package registers every method, MAE included
 
-
-def plot_run(history: dict, path: str | Path, title: str = "") -> Path:
-    """Loss per step and, when monitored, kNN top-1 per epoch, side by side."""
-    has_knn = bool(history.get("knn"))
-    fig, axes = plt.subplots(1, 2 if has_knn else 1, figsize=(10 if has_knn else 5, 3.6), squeeze=False)
-    ax = axes[0][0]
-    if history.get("loss"):
-        steps, losses = zip(*history["loss"])
-        ax.plot(steps, losses, color="tab:blue")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("loss")
-    ax.grid(alpha=0.3)
-    if has_knn:
-        ax = axes[0][1]
-        epochs, accs = zip(*history["knn"])
-        ax.plot(epochs, accs, marker="o", color="tab:green")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("kNN top-1 (%)")
-        ax.set_title("kNN monitor")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_comparison(rows: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Grouped bars: one group per metric, one bar per backbone (e.g. pretrained vs random)."""
-    names = list(rows)
-    metrics = list(next(iter(rows.values())))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics), 3.6))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs = [m + (i - (len(names) - 1) / 2) * width for m in range(len(metrics))]
-        vals = [rows[name][k] for k in metrics]
-        bars = ax.bar(xs, vals, width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(metrics)), metrics)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-# ---------------------------------------------------------------- pictures from a checkpoint
-# Every grid below is laid out in cells of CELL inches at DPI dots per inch, plus a TITLE_BAND
-# for the title, so a picture's pixel size is known in advance: (columns * CELL * DPI,
-# rows * CELL * DPI + TITLE_BAND * DPI). No bbox_inches="tight", which would change it.
-CELL = 1.25
-TITLE_BAND = 0.5
-DPI = 100
-MAX_HEADS = 6
-
-
-def grid_figure(rows: int, cols: int, title: str):
-    """A figure of rows x cols image cells (axes off) with a title band on top."""
-    fig = plt.figure(figsize=(cols * CELL, rows * CELL + TITLE_BAND), dpi=DPI)
-    top = rows * CELL / (rows * CELL + TITLE_BAND)
-    axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=top - 0.02 * top,
-                                         wspace=0.08, hspace=0.3))
-    for ax in axes.flat:
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=9, y=1 - 0.12 * TITLE_BAND / (rows * CELL + TITLE_BAND), wrap=True)
-    return fig, axes
-
-
-def _imshow(ax, image) -> None:
-    """A (3, H, W) uint8 or [0, 1] float image, as it is (no normalisation), pixels kept sharp."""
-    img = image.detach().cpu()
-    img = img.float() / 255 if img.dtype == torch.uint8 else img.float().clamp(0, 1)
-    ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+# Re-exported: the drawing lives in keel.viz (which the engine may import without the commands);
+# keel.show keeps the names its callers and tests already use.
+from keel.viz import plt  # noqa: F401
+from keel.viz.curves import plot_comparison, plot_run  # noqa: F401
+from keel.viz.pictures import (CELL, DPI, MAX_HEADS, TITLE_BAND, plot_attention,  # noqa: F401
+                               plot_mae, plot_neighbors)
 
 
 def _seeded_choice(total: int, n: int, seed: int) -> torch.Tensor:
@@ -124,8 +47,6 @@ def take_images(dataset, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def sample_images(source: str, img_size: int, n: int, seed: int = 0):
     """n random images (seeded) of a data source, from its test split when it has one.
     -> (uint8 (n, 3, S, S), labels, class names)."""
-    from keel.data.sources import DataError, build_dataset
-
     try:
         ds = build_dataset(source, "test", img_size, labeled=False)
     except DataError:  # a folder split into train/ only: use it
@@ -139,8 +60,6 @@ def sample_images(source: str, img_size: int, n: int, seed: int = 0):
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, images: torch.Tensor, img_size: int, device="cpu") -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 (B, D) pooled features on the CPU, with the evaluation transform."""
-    from keel.evaluate.frozen import make_eval_transform
-
     x = make_eval_transform(img_size)(images.to(device))
     return backbone.embed(x).float().cpu()
 
@@ -153,26 +72,21 @@ def embed_dataset(backbone: torch.nn.Module, dataset, img_size: int, device="cpu
     so rows and positions can differ). A progress bar appears when it takes more than a second."""
     from tqdm.auto import tqdm
 
-    from keel.data.sources import collate_skip
-
-    n = len(dataset)
-    if hasattr(dataset, "images"):
-        batches = ((dataset.images[s:s + batch_size], dataset.labels[s:s + batch_size],
-                    torch.arange(s, min(n, s + batch_size))) for s in range(0, n, batch_size))
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip,
-                                             num_workers=num_workers)
-        batches = ((b["images"], b["labels"], b["index"]) for b in loader)
+    index_batches = torch.arange(len(dataset)).split(batch_size)
+    # decoded on the CPU: embed_images moves each batch to the device itself
+    batches = load_batches(dataset, index_batches, torch.device("cpu"), num_workers, index=True)
     feats, labels, index = [], [], []
     was_training = backbone.training
     backbone.eval()
     try:
-        for images, labs, idx in tqdm(batches, total=(n + batch_size - 1) // batch_size, desc="gallery",
-                                      unit="batch", delay=1.0, disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(batches, total=len(index_batches), desc="gallery", unit="batch", delay=1.0,
+                          disable=not progress, dynamic_ncols=True):
+            images = batch["images"]
             if len(images):
                 feats.append(embed_images(backbone, images, img_size, device))
-                labels.append(labs)
-                index.append(idx)
+                # load_batches leaves out the labels of unlabeled data, which sources mark -1 per image
+                labels.append(batch["labels"])
+                index.append(batch["index"])
     finally:
         backbone.train(was_training)
     if not feats:
@@ -195,38 +109,10 @@ def nearest_neighbors(query: torch.Tensor, gallery: torch.Tensor, k: int, exclud
     return (idx, scores) if return_scores else idx
 
 
-def _label_text(label: int, classes) -> str:
-    if label < 0:
-        return ""
-    return str(classes[label]) if label < len(classes) else str(label)
-
-
-def plot_neighbors(queries, query_labels, neighbors, neighbor_labels, scores, path, title: str = "",
-                   classes=()) -> Path:
-    """Row i: query i, then its neighbours (Q, k, 3, H, W) with their label and cosine similarity
-    above; the label in green when it is the query's, red when not (labels < 0: unknown)."""
-    q, k = neighbors.shape[:2]
-    fig, axes = grid_figure(q, k + 1, title)
-    for i in range(q):
-        qlab = int(query_labels[i])
-        _imshow(axes[i][0], queries[i])
-        axes[i][0].set_title(f"query {_label_text(qlab, classes)}".strip(), fontsize=8, fontweight="bold")
-        for j in range(k):
-            ax = axes[i][j + 1]
-            _imshow(ax, neighbors[i, j])
-            nlab = int(neighbor_labels[i, j])
-            text = f"{_label_text(nlab, classes)}  {float(scores[i, j]):.2f}".strip()
-            color = "black" if qlab < 0 or nlab < 0 else ("green" if nlab == qlab else "red")
-            ax.set_title(text, fontsize=8, color=color)
-    return _save(fig, path)
-
-
 def neighbor_splits(source: str, img_size: int, gallery: int, seed: int = 0):
     """(gallery dataset, query dataset or None): labeled train/test when the data has labels,
     else all images as gallery (None: queries come from the gallery itself). The gallery is a
     seeded random subset of at most ``gallery`` images."""
-    from keel.data.sources import DataError, build_dataset, labeled_splits
-
     try:
         train, test = labeled_splits(source, img_size)
     except DataError:
@@ -285,8 +171,6 @@ def class_token_attention(backbone, x: torch.Tensor) -> torch.Tensor:
 def attention_maps(backbone, images: torch.Tensor, img_size: int, device="cpu") -> torch.Tensor:
     """uint8 (B, 3, H, W) -> the class token's attention over the patches, per head, on the patch
     grid and upsampled (nearest: one flat square per patch) to (B, heads, img_size, img_size)."""
-    from keel.evaluate.frozen import make_eval_transform
-
     _check_attention(backbone)
     x = make_eval_transform(img_size)(images.to(device))
     row = class_token_attention(backbone, x)[:, :, backbone.num_prefix_tokens:]
@@ -294,23 +178,6 @@ def attention_maps(backbone, images: torch.Tensor, img_size: int, device="cpu") 
     h, w = x.shape[-2] // p, x.shape[-1] // p
     grid = row.reshape(*row.shape[:2], h, w)
     return F.interpolate(grid, size=(h * p, w * p), mode="nearest").cpu()
-
-
-def plot_attention(images, maps, path, title: str = "", max_heads: int = MAX_HEADS) -> Path:
-    """Row i: image i, the mean of its heads' maps, then each head (the first ``max_heads``)."""
-    b, heads = maps.shape[:2]
-    shown = min(heads, max_heads)
-    fig, axes = grid_figure(b, 2 + shown, title)
-    for i in range(b):
-        _imshow(axes[i][0], images[i])
-        panels = [(f"mean of {heads} heads", maps[i].mean(0))] + [(f"head {h}", maps[i, h]) for h in range(shown)]
-        for j, (label, m) in enumerate(panels, start=1):
-            axes[i][j].imshow(m.numpy(), cmap="inferno", interpolation="nearest")
-            if i == 0:
-                axes[i][j].set_title(label, fontsize=8)
-        if i == 0:
-            axes[i][0].set_title("image", fontsize=8)
-    return _save(fig, path)
 
 
 def show_attention(backbone, data: str, out_dir: str | Path, img_size: int, n: int = 8, seed: int = 0,
@@ -344,19 +211,11 @@ def mae_run_dir(path: str | Path) -> Path:
 
 def load_mae(run_dir: str | Path, device="cpu"):
     """Rebuild a MAE run's method (backbone + decoder) from its config and last checkpoint -> (method, cfg)."""
-    from keel.config import load_config
-    from keel.engine.checkpoint import load_checkpoint
-    from keel.engine.trainer import model_kwargs
-    from keel.methods.base import build_method
-    from keel.models.registry import create_model
-
     run_dir = mae_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if cfg.method.name != "mae":
         raise ValueError(f"'{run_dir}' is a {cfg.method.name} run: MAE pictures need a run pretrained with "
                          f"method.name=mae (its decoder draws the missing patches)")
-    import keel.methods.mae  # noqa: F401  (registers the method)
-
     backbone = create_model(cfg.model.name, **model_kwargs(cfg))
     method = build_method(cfg.method.name, backbone, cfg)
     method.load_state_dict(load_checkpoint(run_dir)["method"])
@@ -370,18 +229,6 @@ def mae_reconstructions(method, images: torch.Tensor, seed: int = 0) -> dict:
     device = next(method.parameters()).device
     out = method.reconstruct(images.to(device), torch.Generator().manual_seed(seed))
     return {key: out[key].float().cpu() for key in ("original", "masked", "reconstruction")}
-
-
-def plot_mae(pictures: dict, path, title: str = "") -> Path:
-    """Three rows (original, masked, reconstruction), one column per image."""
-    rows = ("original", "masked", "reconstruction")
-    b = len(pictures["original"])
-    fig, axes = grid_figure(len(rows), b, title)
-    for r, key in enumerate(rows):
-        for j in range(b):
-            _imshow(axes[r][j], pictures[key][j])
-        axes[r][0].set_title(key, fontsize=8, loc="left")
-    return _save(fig, path)
 
 
 def show_mae(run_dir: str | Path, data: str | None = None, out_dir: str | Path | None = None, n: int = 8,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from keel.data.recipes import (MixupCutmix, RandAugment, RandAugmentSpec, RandomErasing, RecipeAugment,
                                parse_randaugment, repeated_batches)
 from keel.data.views import BatchAugment, ViewConfig
-from keel.evaluate.finetune import ClassificationTask
+from keel.tasks.classify import ClassificationTask
 
 
 def gen(seed: int = 0) -> torch.Generator:

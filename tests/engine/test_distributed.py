@@ -23,7 +23,7 @@ import torch.nn as nn
 import keel
 from keel.config import RunConfig
 from keel.engine import distributed as D
-from keel.methods.base import build_method
+from keel.tasks.ssl import build_method
 
 WORLD = 2
 BATCH = 8  # images per view in the combined batch; each rank holds BATCH // WORLD
@@ -151,6 +151,7 @@ def ddp_run(tmp_path_factory, launch_workers):
     return _run_both(tmp_path_factory.mktemp("ddp"), launch_workers)
 
 
+@pytest.mark.slow
 def test_collectives_in_two_processes(ddp_run):
     _, results = ddp_run
     for r, res in enumerate(results):
@@ -161,6 +162,7 @@ def test_collectives_in_two_processes(ddp_run):
         torch.testing.assert_close(res["t_after"], torch.tensor([float(r + 1), -float(r)]))
 
 
+@pytest.mark.slow
 def test_gather_with_grad_forward_and_backward(ddp_run):
     ref, results = ddp_run
     for r, res in enumerate(results):
@@ -178,6 +180,7 @@ def test_gather_with_grad_forward_and_backward(ddp_run):
             torch.testing.assert_close(res["lin_grads"][k], g, atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_simclr_two_processes_match_one_process(ddp_run):
     ref, results = ddp_run
     losses = [res["loss"].item() for res in results]
@@ -219,6 +222,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 
 
 # ---------------------------------------------------------------- the whole trainer under torchrun
+@pytest.mark.slow
 def test_torchrun_pretrain_two_processes(tmp_path, free_port):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",

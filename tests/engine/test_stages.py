@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 import keel
 from keel.config import ConfigError, load_config
 from keel.engine.optim import build_optimizer
-from keel.engine.pretrain import pretrain
+from keel.jobs.pretrain import pretrain
 from keel.engine.stages import carry_over, joined_history, stage_configs
-from keel.methods.base import build_method
+from keel.tasks.ssl import build_method
 
 TWO_STAGES = "stages=[{train: {epochs: 1}, data: {img_size: 8}, method: {proj_dim: 16}}, {train: {epochs: 1}, data: {img_size: 12}}]"
 

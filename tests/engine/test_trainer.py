@@ -15,9 +15,12 @@ import keel
 from keel.config import load_config
 from keel.data.sources import build_dataset
 from keel.engine.checkpoint import load_checkpoint, sha256
-from keel.engine.pretrain import pretrain
-from keel.engine.trainer import Trainer, TrainingError, model_kwargs
-from keel.methods.simclr import SimCLR
+from keel.jobs.pretrain import export_run, pretrain
+from keel.engine.trainer import Trainer
+from keel.data.sources import DataError
+from keel.errors import TrainingError
+from keel.models.registry import model_kwargs
+from keel.tasks.ssl.simclr import SimCLR
 from keel.models.registry import create_model
 
 STEPS_PER_EPOCH = 4   # 256 images, batch 64 (see conftest)
@@ -44,7 +47,9 @@ def fit(cfg, run_dir, method_cls=SimCLR, resume=False, quiet=True):
     data = build_dataset(cfg.data.source, "train", cfg.data.img_size, subset=cfg.data.subset, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     method = method_cls(create_model(cfg.model.name, **model_kwargs(cfg)), cfg)
-    result = Trainer(cfg, run_dir, resume=resume, quiet=quiet).fit(method, data)
+    trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
+    result = trainer.fit(method, data)
+    export_run(cfg, method, len(data), result, trainer.steps_per_epoch_, run_dir)
     return result, method
 
 
@@ -261,7 +266,7 @@ def test_batches_with_bad_files_are_refilled_to_full_size(make_cfg, tmp_path, mo
     _image_folder(folder, 29)           # 29 good + 3 bad = one batch of 32
     cfg = make_cfg(f"data.source={folder}", "data.subset=0", "train.batch_size=32", "train.epochs=1")
     sizes = []
-    from keel.methods.simclr import SimCLR
+    from keel.tasks.ssl.simclr import SimCLR
     orig = SimCLR.make_views
 
     def spy(self, images, generator):
@@ -279,7 +284,7 @@ def test_a_batch_of_only_bad_files_is_a_clear_error(make_cfg, tmp_path):
     for i in range(8):
         (folder / f"x{i}.jpg").write_text("not an image")
     cfg = make_cfg(f"data.source={folder}", "data.subset=0", "train.batch_size=4", "train.epochs=1")
-    with pytest.raises(TrainingError, match="could be decoded"):
+    with pytest.raises(DataError, match="could be decoded"):
         pretrain(cfg, tmp_path / "run", quiet=True)
 
 

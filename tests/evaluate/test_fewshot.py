@@ -3,20 +3,21 @@ independently and summarised exactly as numpy does."""
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from keel.config import override
 from keel.data.sources import build_dataset
 from keel.evaluate.features import extract_features
 from keel.evaluate.fewshot import _draw_seed, fewshot, fewshot_finetune_config, sample_shots
-from keel.evaluate.finetune import ClassificationTask, finetune
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import linear_probe
+from keel.jobs.finetune import finetune
 from keel.models.registry import create_model
+from keel.tasks.classify import ClassificationTask
 
 
 def test_sample_shots_exact_seeded_and_nested():
@@ -52,7 +53,10 @@ def test_fewshot_per_draw_results_and_their_summary():
     torch.manual_seed(0)
     backbone = create_model("resnet10_cifar")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    fcfg = fewshot_finetune_config(8, device="cpu", epochs=2, warmup_epochs=0.0, num_workers=0)
+    fcfg = fewshot_finetune_config(8, device="cpu", **{"train.epochs": 2, "train.warmup_epochs": 0.0,
+                                                       "data.num_workers": 0})
+    assert (fcfg.train.epochs, fcfg.train.warmup_epochs, fcfg.data.num_workers, fcfg.train.batch_size) == \
+        (2, 0.0, 0, 128)
     res = fewshot(backbone, train, test, shots=(1, 3), draws=3, knn_k=5, linear_epochs=10, finetune_cfg=fcfg, seed=7)
 
     assert set(res) == {"knn", "linear", "finetune"} and all(set(r) == {1, 3} for r in res.values())
@@ -76,8 +80,8 @@ def test_fewshot_per_draw_results_and_their_summary():
             seed = _draw_seed(7, d) % (1 << 31)
             lin = linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes=10, epochs=10, seed=seed)
             assert res["linear"][shots]["values"][d] == pytest.approx(lin["linear_top1"])
-            tuned = finetune(copy.deepcopy(backbone), train.subset(idx), test, replace(fcfg, seed=seed),
-                             task=ClassificationTask(10, fcfg.label_smoothing), progress=False)
+            tuned = finetune(copy.deepcopy(backbone), train.subset(idx), test, override(fcfg, {"train.seed": seed}),
+                             task=ClassificationTask(10, fcfg.task.label_smoothing), progress=False)
             assert res["finetune"][shots]["values"][d] == tuned["final"]["top1"]
     assert len({tuple(r["values"]) for r in res["knn"].values()}) == 2
 

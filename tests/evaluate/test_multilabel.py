@@ -296,20 +296,23 @@ def _multi_hot(digit):
     return torch.cat([y, (digit >= 5).float().unsqueeze(1)], dim=1)
 
 
-def _finetune_cfg(ft, **kw):
-    base = dict(img_size=8, epochs=2, batch_size=64, warmup_epochs=0.2, lr=4e-2, device="cpu",
-                num_workers=0, drop_path_rate=0.0, eval_every=0, seed=0)
-    return ft.FinetuneConfig(**{**base, **kw})
+def _finetune_cfg(values: dict | None = None):
+    from keel.config import FinetuneConfig, override
+
+    base = {"data.img_size": 8, "train.epochs": 2, "train.batch_size": 64, "train.warmup_epochs": 0.2,
+            "train.lr": 4e-2, "train.device": "cpu", "data.num_workers": 0, "model.drop_path_rate": 0.0,
+            "train.eval_every": 0, "train.seed": 0}
+    return override(FinetuneConfig(), {**base, **(values or {})})
 
 
 def test_finetune_multilabel_digits_beats_chance():
-    ft = pytest.importorskip("keel.evaluate.finetune")
+    from keel.jobs.finetune import finetune
     from keel.models.registry import create_model
 
     train, test = _DigitsWith("train", 512, _multi_hot), _DigitsWith("test", 200, _multi_hot)
     torch.manual_seed(0)
     backbone = create_model("resnet10_cifar", img_size=8)
-    result = ft.finetune(backbone, train, test, _finetune_cfg(ft), task=MultiLabelTask(11), progress=False)
+    result = finetune(backbone, train, test, _finetune_cfg(), task=MultiLabelTask(11), progress=False)
     final = result["final"]
     chance = 100 * float(test.labels.mean(0).mean())  # random scores: AP about the prevalence, 13.6 here
     assert result["main_metric"] == "mAP"
@@ -318,7 +321,7 @@ def test_finetune_multilabel_digits_beats_chance():
 
 
 def test_finetune_two_level_runs_through_the_loop():
-    ft = pytest.importorskip("keel.evaluate.finetune")
+    from keel.jobs.finetune import finetune
     from keel.models.registry import create_model
 
     pairs = lambda d: torch.stack([(d >= 5).long(), d], dim=1)  # noqa: E731
@@ -326,7 +329,8 @@ def test_finetune_two_level_runs_through_the_loop():
     task = TwoLevelTask(2, 10, hierarchy={0: range(5), 1: range(5, 10)})
     torch.manual_seed(0)
     backbone = create_model("resnet10_cifar", img_size=8)
-    result = ft.finetune(backbone, train, test, _finetune_cfg(ft, mode="linear", epochs=1), task=task, progress=False)
+    result = finetune(backbone, train, test, _finetune_cfg({"task.mode": "linear", "train.epochs": 1}), task=task,
+                      progress=False)
     final = result["final"]
     assert result["main_metric"] == "both_top1"
     # with the hierarchy mask a right secondary implies a right primary: both == secondary

@@ -12,13 +12,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from keel.config import FinetuneConfig, override
 from keel.data.sources import build_dataset
 from keel.evaluate.features import extract_features
-from keel.evaluate.finetune import FinetuneConfig, finetune
 from keel.evaluate.frozen import evaluate_frozen, make_eval_transform
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import accuracy_topk
 from keel.evaluate.robustness import SEVERITY_PARAMS, SHIFTS, robustness, robustness_knn, shift
+from keel.jobs.finetune import finetune
 from keel.models.registry import create_model
 
 
@@ -107,8 +108,10 @@ def tuned():
     test = build_dataset("digits", "test", 8, labeled=True)
     torch.manual_seed(0)
     backbone = create_model("resnet10_cifar")
-    cfg = FinetuneConfig(img_size=8, epochs=2, warmup_epochs=0.5, lr=3e-2, batch_size=128, eval_every=0,
-                         drop_path_rate=0.0, label_smoothing=0.0, device="cpu", num_workers=0)
+    cfg = override(FinetuneConfig(), {
+        "data.img_size": 8, "train.epochs": 2, "train.warmup_epochs": 0.5, "train.lr": 3e-2, "train.batch_size": 128,
+        "train.eval_every": 0, "model.drop_path_rate": 0.0, "task.label_smoothing": 0.0, "train.device": "cpu",
+        "data.num_workers": 0})
     res = finetune(copy.deepcopy(backbone), train, test, cfg, progress=False)
     return backbone, train, test, res
 
@@ -119,6 +122,7 @@ def test_classifier_robustness_equals_direct_computation(tuned):
     out = robustness(clf, test, 8, severities=(2, 5), seed=3, batch_size=512)
     assert out["clean"] == pytest.approx(res["final"]["top1"])     # fine-tuning's own evaluation
     transform = make_eval_transform(8)
+    clf.eval()                      # finetune returns its classifier as training left it (train mode)
     with torch.no_grad():
         for kind in SHIFTS:
             for sev in (2, 5):

@@ -10,18 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from keel import hub
 from keel.cli import main
 from keel.data.sources import build_dataset
 from keel.engine.checkpoint import export_backbone
 from keel.evaluate.features import cached_features
 from keel.evaluate.fewshot import fewshot, sample_shots
-from keel.evaluate.finetune import finetune, load_for_finetune
 from keel.evaluate.frozen import evaluate_frozen, make_eval_transform
 from keel.evaluate.linear import linear_probe
 from keel.evaluate.report import markdown, write_report
 from keel.evaluate.robustness import robustness
 from keel.evaluate.suite import (checkpoint_label, default_img_size, run_suite, sample_fraction,
                                  suite_finetune_config)
+from keel.jobs.finetune import finetune
 from keel.models.registry import create_model
 
 TINY_VIT = {"img_size": 8, "depth": 2, "dim": 48, "num_heads": 3}
@@ -54,7 +55,7 @@ def test_suite_numbers_are_the_protocols_own(suite, vit_run):
     res = json.loads((out / "report.json").read_text())["results"]["digits"][vit_run.name]
     train = build_dataset("digits", "train", 8, labeled=True)
     test = build_dataset("digits", "test", 8, labeled=True)
-    backbone = load_for_finetune(str(vit_run), 8, seed=0)
+    backbone = hub.resolve_backbone(str(vit_run), 8, seed=0)[0]
 
     frozen = evaluate_frozen(backbone, train, test, 8, ks=(20, 200), linear_epochs=3)
     assert res["knn"]["knn_top1@20"] == pytest.approx(frozen["knn_top1@20"], abs=1e-9)
@@ -141,12 +142,17 @@ def test_cli_suite_on_a_labeled_folder_with_knn_robustness(tmp_path, vit_run, ca
 
 
 def test_cli_one_checkpoint_for_other_protocols(capsys):
-    assert main(["eval", "knn", "--checkpoint", "random:resnet10_cifar", "random:resnet18_cifar"]) == 2
+    assert main(["eval", "knn", "model.backbone=[random:resnet10_cifar,random:resnet18_cifar]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "several only for suite" in err[0]
+    # keel 0.1's flag: the same one-line error after the flag's deprecation line
+    assert main(["eval", "knn", "--checkpoint", "random:resnet10_cifar", "random:resnet18_cifar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--checkpoint -> model.backbone" in err[0] and "several only for suite" in err[1]
     with pytest.raises(ValueError, match="unknown protocol"):
         run_suite(["random:resnet10_cifar"], ["digits"], "unused", protocols=("knn", "magic"))
-    assert re.search(r"suite\s+several checkpoints", main.__globals__["EVAL_EPILOG"])
+    from keel.cli_eval import EVAL_EPILOG
+    assert re.search(r"suite\s+several backbones", EVAL_EPILOG)
 
 
 def test_hyperrule_recipe_and_early_errors(tmp_path):
@@ -154,10 +160,11 @@ def test_hyperrule_recipe_and_early_errors(tmp_path):
                        finetune_recipe="hyperrule", hyperrule_scale=0.002, device="cpu", progress=False)
     ft = report["results"]["digits"]["random:resnet10_cifar"]["finetune"]
     cfg = ft["config"]
+    t = cfg["train"]
     # 500 x 0.002 = 1 BiT step of 512 images on 1437 images -> 1 epoch of ceil(1437 / 512) = 3 steps
-    assert (cfg["optimizer"], cfg["schedule"], cfg["epochs"], cfg["batch_size"], cfg["img_size"]) == \
+    assert (t["optimizer"], t["schedule"], t["epochs"], t["batch_size"], cfg["data"]["img_size"]) == \
         ("sgd", "step", 1, 512, 8)
-    assert cfg["milestones"] == pytest.approx([0.4, 0.6, 0.8]) and cfg["lr"] == pytest.approx(0.0015)
+    assert t["milestones"] == pytest.approx([0.4, 0.6, 0.8]) and t["lr"] == pytest.approx(0.0015)
     assert ft["steps"] == 3 and "BiT-HyperRule" in ft["explanation"] and ft["recipe"] == "hyperrule"
     with pytest.raises(ValueError, match="resnet99"):
         run_suite(["random:resnet10_cifar", "random:resnet99"], ["digits"], tmp_path / "t", progress=False)
@@ -228,7 +235,7 @@ def test_suite_label_fractions(suite, vit_run, vit_run2, tmp_path):
         assert fr["1.0"]["linear"] == pytest.approx(res["linear"]["linear_top1"], abs=1e-9)
         assert fr["1.0"]["finetune"] == res["finetune"]["final"]["top1"] and fr["1.0"]["finetune_steps"] == 12
         # 10%: the linear probe and the fine-tuning called directly on the same 143 images
-        backbone = load_for_finetune(str(run), 8, seed=0)
+        backbone = hub.resolve_backbone(str(run), 8, seed=0)[0]
         xtr, ytr = cached_features(backbone, train, make_eval_transform(8), None)
         xte, yte = cached_features(backbone, test, make_eval_transform(8), None)
         direct = linear_probe(xtr[idx], ytr[idx], xte, yte, num_classes=10, epochs=3)

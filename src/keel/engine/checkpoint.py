@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from keel.models.registry import create_model
+
 
 def atomic_write(path: str | Path, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` and move the result over ``path`` only once it is complete."""
@@ -38,6 +40,10 @@ def atomic_write(path: str | Path, write_fn) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -90,8 +96,6 @@ def read_card(path: str | Path) -> tuple[Path, dict]:
 
 def load_backbone(path: str | Path, map_location="cpu", verify: bool = True) -> nn.Module:
     """Rebuild the backbone a card describes and load its weights (safetensors: no code runs)."""
-    from keel.models.registry import create_model
-
     weights, card = read_card(path)
     if verify and card.get("sha256") and sha256(weights) != card["sha256"]:
         raise ValueError(f"'{weights}' does not match the sha256 in its card.json: the file was changed or damaged")

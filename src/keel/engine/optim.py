@@ -63,19 +63,20 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                     fused: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+    """AdamW, SGD (with momentum) or LARS over ``params``: a module (its :func:`param_groups`
+    with ``weight_decay``) or a list of groups already made (each carrying its weight decay)."""
+    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
+    if name == "lars":
+        for g in groups:  # groups without decay (norms, biases) get plain SGD, as SimCLR's LARS
+            g.setdefault("lars_exclude", g["weight_decay"] == 0)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
     if name == "adamw":
-        for g in groups:
-            g.pop("lars_exclude")
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     if name == "sgd":
-        for g in groups:
-            g.pop("lars_exclude")
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer '{name}' (adamw | lars | sgd)")
 
 
@@ -118,8 +119,8 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # forward order numbered consecutively across stages, L + 1 = what follows the last block
 # (final norm, head). A down-sampling layer belongs to the first block of the stage it opens: it
 # is the first thing that stage computes. A stage-0 "downsample" (CSWin's conv stem) is the stem.
-# A wrapper holding the backbone as ``backbone`` and its classifier as ``head`` (as keel's
-# fine-tuning does) is numbered like the backbone, its head at L + 1.
+# A wrapper holding the backbone as ``backbone`` (a task, keel's Classifier) is numbered like the
+# backbone, and everything else it holds (heads, projectors) at L + 1.
 _BLOCK = re.compile(r"^blocks\.(\d+)(?:\.|$)")                            # ViT
 _STAGE_BLOCK = re.compile(r"^stages\.(\d+)\.(?:blocks\.)?(\d+)(?:\.|$)")  # Swin, CSWin, hybrid, ResNets
 _STAGE_DOWN = re.compile(r"^stages\.(\d+)\.downsample(?:\.|$)")          # Swin, CSWin
@@ -166,10 +167,9 @@ def layer_id_of(model: nn.Module, name: str) -> int | None:
     backbone, prefix = _unwrap(model)
     L = num_layers(model)
     if prefix:
-        if name == "head" or name.startswith("head."):
-            return L + 1
         if not name.startswith(prefix):
-            return None
+            # the wrapper's own parts (a classifier's head, a method's projector) sit on top
+            return L + 1 if name else None
         name = name[len(prefix):]
     offsets = _stage_offsets(backbone)
     if offsets is None:

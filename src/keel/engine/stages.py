@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from keel.config import ConfigError, RunConfig, from_dict, merge, to_dict
+from keel.viz.curves import plot_run
 
 
 def stage_configs(cfg: RunConfig) -> list[RunConfig]:
@@ -100,7 +101,6 @@ def export_final(run_dir: Path, last_stage: Path, results: list[dict]) -> None:
     card["stages"] = [{"run_dir": r["run_dir"], "steps": r["steps"], "loss": r["loss"], "knn": r["knn"]}
                       for r in results]
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
-    from keel.show import plot_run
     plot_run(joined_history([Path(r["run_dir"]) for r in results]), run_dir / "curves.png",
              title=" → ".join(f"stage {i}" for i in range(1, len(results) + 1)))
 

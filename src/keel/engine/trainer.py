@@ -1,9 +1,14 @@
-"""The training loop every method uses. Read it top to bottom.
+"""The one training loop: pretraining, fine-tuning and every later job. Read it top to bottom.
+
+The trainer knows no task's insides: a :class:`~keel.tasks.base.Task` prepares its batch and
+returns its losses, and hooks (:mod:`keel.engine.hooks`) add evaluation, EMA, best checkpoints
+and monitors. The trainer owns devices, processes, precision, compile, the optimizer and its
+schedules, checkpoints and exact resume, logging, progress and the NaN guard.
 
 Reproducibility is by construction: the data order of epoch e comes from a generator seeded
-with (seed, e), and every random choice inside step s (augmentations, drop-path) from one seeded
-with (seed, s, rank). A run resumed from any checkpoint therefore continues exactly as if it
-had never stopped.
+with (seed, e), and every random choice inside step s from generators seeded with (seed, s) for
+draws shared by all processes and (seed, s, rank) for a process's own (augmentations, drop-path).
+A run resumed from any checkpoint therefore continues exactly as if it had never stopped.
 """
 from __future__ import annotations
 
@@ -11,28 +16,34 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from keel.config import RunConfig, save_config, to_dict
-from keel.data.sources import collate_skip
+from keel.config import save_config, to_dict
+from keel.data.batches import load_batches
+from keel.data.recipes import repeated_batches
 from keel.engine import distributed as D
-from keel.engine.checkpoint import export_backbone, load_checkpoint, save_checkpoint
-from keel.engine.optim import build_optimizer, cosine_lr, cosine_wd
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, ...); the message says what to do."""
+from keel.engine.checkpoint import load_checkpoint, save_checkpoint
+from keel.engine.optim import apply_lr, build_optimizer, cosine_lr, cosine_wd, step_lr
+from keel.engine.stages import carry_over
+from keel.errors import TrainingError
+from keel.tasks.base import StepRNG, Task
+from keel.viz.curves import plot_run
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False):
+    """``Trainer(cfg, run_dir).fit(task, data, hooks)``. ``cfg`` has a ``train`` section
+    (:class:`keel.config.TrainConfig`, its ``lr`` already resolved) and ``data.num_workers``; it is
+    saved as the run's config.yaml."""
+
+    def __init__(self, cfg, run_dir: str | Path | None, resume: bool = False, quiet: bool = False,
+                 strict_resume: bool = False):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.strict_resume = strict_resume   # resume only with the checkpoint's own config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.quiet = quiet
         self.dist = D.init_distributed(cfg.train.device)
@@ -41,71 +52,79 @@ class Trainer:
         if p == "auto":
             p = "bf16" if self.device.type == "cuda" else "fp32"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[p]
-        self.history: dict[str, list] = {"loss": [], "knn": []}
+        self.history: dict[str, list] = {"loss": [], "knn": [], "eval": []}
         self.skipped: set[int] = set()
+        self.step = self.epoch = 0
+        self.metrics_file = self.writer = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def writes(self) -> bool:
+        return self.dist.is_main and self.run_dir is not None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     # ---------------------------------------------------------------- data order
-    def _epoch_batches(self, n: int, epoch: int) -> list[torch.Tensor]:
-        """This rank's index batches for one epoch: a seeded permutation, split across ranks."""
-        bs, world = self.cfg.train.batch_size, self.dist.world_size
-        g = torch.Generator().manual_seed(D.seed_for(self.cfg.train.seed, epoch))
-        perm = torch.randperm(n, generator=g)
-        steps = n // bs
-        local = bs // world
-        return [perm[s * bs + self.dist.rank * local: s * bs + (self.dist.rank + 1) * local] for s in range(steps)]
+    def steps_per_epoch(self, n: int) -> int:
+        """``drop_last``: n // batch full batches (the rest waits for the next epoch's order);
+        else ceil(n / batch) near-equal batches, so no image is left out and none is tiny."""
+        bs = self.cfg.train.batch_size
+        return n // bs if self.cfg.train.drop_last else math.ceil(n / bs)
 
-    def _batches(self, data, batches: list[torch.Tensor]):
-        """Yield uint8 image batches on the device, from memory or through decoding workers."""
-        if hasattr(data, "images"):  # in-memory (built-in) data: index directly, no workers needed
-            images = self._resident if self._resident is not None else data.images
-            for idx in batches:
-                yield images[idx.to(images.device)].to(self.device, non_blocking=True)
-            return
-        loader = torch.utils.data.DataLoader(
-            data, batch_sampler=[b.tolist() for b in batches], num_workers=self.cfg.data.num_workers,
-            collate_fn=collate_skip, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
-        for idx, batch in zip(batches, loader):
-            self.skipped.update(batch["skipped"].tolist())
-            images = batch["images"]
-            if len(images) == 0:
-                raise TrainingError(f"no image of a batch of {len(idx)} could be decoded ({len(self.skipped)} "
-                                    f"files skipped so far): is data.source really a folder of images?")
-            if len(images) < len(idx):
-                # Refill from the batch's own good images: every process keeps the same batch
-                # size (collectives need it) and compiled graphs keep a static shape.
-                images = images[torch.arange(len(idx)) % len(images)]
-            yield images.to(self.device, non_blocking=True)
+    def epoch_batches(self, n: int, epoch: int) -> list[torch.Tensor]:
+        """Every index batch of one epoch (the global batches, alike on every process)."""
+        tc = self.cfg.train
+        steps = self.steps_per_epoch(n)
+        g = torch.Generator().manual_seed(D.seed_for(tc.seed, epoch))
+        if tc.repeated_aug > 1:
+            return repeated_batches(n, steps, tc.repeated_aug, g)
+        perm = torch.randperm(n, generator=g)
+        if tc.drop_last:
+            return list(perm[:steps * tc.batch_size].view(steps, tc.batch_size))
+        return list(perm.tensor_split(steps))
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous share of a global batch (near-equal parts)."""
+        return batch.tensor_split(self.dist.world_size)[self.dist.rank]
 
     # ---------------------------------------------------------------- the loop
-    def fit(self, method: nn.Module, data, monitor=None, init_from: str | Path | None = None) -> dict:
-        """Train ``method`` on ``data``; ``monitor`` = (train_ds, test_ds) enables the kNN monitor.
-        ``init_from``: a previous stage's run directory whose weights and optimizer state this run
-        starts from (ignored when resuming: the run's own checkpoint already holds them)."""
-        cfg, tc, is_main = self.cfg, self.cfg.train, self.dist.is_main
-        if tc.batch_size % self.dist.world_size:
-            raise TrainingError(f"train.batch_size {tc.batch_size} is not divisible by {self.dist.world_size} processes")
-        steps_per_epoch = len(data) // tc.batch_size
-        if steps_per_epoch == 0:
+    def fit(self, task: Task, data, hooks=(), init_from: str | Path | None = None) -> dict:
+        """Train ``task`` on ``data``. ``init_from``: a previous stage's run directory whose weights
+        and optimizer state this run starts from (ignored when resuming: the run's own checkpoint
+        already holds them)."""
+        cfg, tc, world = self.cfg, self.cfg.train, self.dist.world_size
+        self.task, self.data, self.hooks = task, data, list(hooks)
+        if tc.batch_size < world:
+            raise TrainingError(f"train.batch_size {tc.batch_size} cannot be shared by {world} processes")
+        if tc.drop_last and tc.batch_size % world:
+            raise TrainingError(f"train.batch_size {tc.batch_size} is not divisible by {world} processes")
+        spe = self.steps_per_epoch(len(data))
+        if spe == 0:
             raise TrainingError(f"{len(data)} images is less than one batch of {tc.batch_size}: lower train.batch_size")
-        total_steps = tc.epochs * steps_per_epoch
-        warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
+        total_steps = tc.epochs * spe
+        warmup_steps = min(total_steps, round(tc.warmup_epochs * spe))
         lr = tc.lr * tc.batch_size / 256
+        self.steps_per_epoch_, self.total_steps = spe, total_steps
         torch.manual_seed(tc.seed)  # heads built before fit() were seeded by the caller
 
-        if is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        if self.writes:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        method.to(self.device)
+        task.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             if tc.channels_last:
-                method.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(tc.optimizer, method, lr, tc.weight_decay, tc.momentum,
+                task.to(memory_format=torch.channels_last)
+        groups = task.param_groups(tc.weight_decay, tc.layer_decay)
+        optimizer = build_optimizer(tc.optimizer, groups, lr, tc.weight_decay, tc.momentum,
                                     fused=self.device.type == "cuda")
+        self.optimizer = optimizer
         # Groups that decay, decided on the fresh optimizer (norms and biases: 0) before any
         # state is loaded; a scheduled weight decay only ever touches these.
         decays = [g["weight_decay"] > 0 for g in optimizer.param_groups]
@@ -114,147 +133,213 @@ class Trainer:
                                 f"train.weight_decay={tc.weight_decay}, which must be > 0")
         step = 0
         if init_from is not None and not self.resume:
-            from keel.engine.stages import carry_over
-            moved = carry_over(method, optimizer, load_checkpoint(init_from, map_location=self.device))
-            if is_main and not self.quiet:
+            moved = carry_over(task, optimizer, load_checkpoint(init_from, map_location=self.device))
+            if self.is_main and not self.quiet:
                 fresh = [k for k in moved["fresh"] if not k.endswith("num_batches_tracked")]
                 print(f"starting from {init_from}: {len(moved['carried'])} tensors carried over"
                       + (f", {len(fresh)} new ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})" if fresh else ""))
+        state = None
         if self.resume:
-            state = load_checkpoint(self.run_dir, map_location=self.device)
-            method.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            saved_bs = state.get("config", {}).get("train", {}).get("batch_size", tc.batch_size)
-            if saved_bs != tc.batch_size:
-                raise TrainingError(f"the checkpoint was trained with train.batch_size={saved_bs}; resuming with "
-                                    f"{tc.batch_size} would not continue the same run")
-            step, self.history = state["step"], state["history"]
-            self.skipped = set(state.get("skipped", []))
-            self._truncate_metrics(step)
-            if is_main and not self.quiet:
-                print(f"resumed from step {step} ({step / steps_per_epoch:.2f} epochs)")
+            state = self._load(task, optimizer, spe)
+            step = state["step"]
+        for i, h in enumerate(self.hooks):
+            h.before_train(self)
+            if state is not None and _hook_key(i, h) in state.get("hooks", {}):
+                h.load_state_dict(state["hooks"][_hook_key(i, h)])
 
         # Resident data: built-in datasets live on the GPU, so augmentation never waits on the CPU.
-        self._resident = data.images.to(self.device) if (hasattr(data, "images") and self.device.type == "cuda") else None
-        model = method
-        if self.dist.world_size > 1:
+        resident = None
+        if hasattr(data, "images") and self.device.type == "cuda":
+            resident = {"images": data.images.to(self.device), "labels": getattr(data, "labels", None)}
+            if resident["labels"] is not None:
+                resident["labels"] = resident["labels"].to(self.device)
+        model = task
+        if world > 1:
             if self.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SimCLR's global BN
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # e.g. SimCLR's global BN
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if tc.compile:
             model = torch.compile(model)
 
-        writer = self._tb_writer(purge_step=step + 1 if self.resume else None) if is_main else None
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if is_main else None
+        self.writer = self._tb_writer(purge_step=step + 1 if self.resume else None) if self.writes else None
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.writes else None
         max_steps = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
-        bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.method.name}", unit="step", dynamic_ncols=True,
-                   disable=not is_main or self.quiet, mininterval=1.0)
+        bar = tqdm(total=max_steps, initial=step, desc=task.name, unit="step", dynamic_ncols=True,
+                   disable=not self.is_main or self.quiet, mininterval=1.0)
         bad = torch.zeros((), device=self.device, dtype=torch.bool)
         last_ckpt = step
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count, t_log, img_log = 0, time.perf_counter(), 0
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                    else contextlib.nullcontext())
-        method.train()
+        sums: dict[str, torch.Tensor] = {}
+        count, t_log, img_log = 0, time.perf_counter(), 0
         try:
             while step < max_steps:
-                epoch, skip = divmod(step, steps_per_epoch)
-                batches = self._epoch_batches(len(data), epoch)[skip:]
-                for images in self._batches(data, batches):
-                    gen = torch.Generator().manual_seed(D.seed_for(tc.seed, step, self.dist.rank))
+                epoch, skip = divmod(step, spe)
+                batches = self.epoch_batches(len(data), epoch)[skip:]
+                shares = [self.share(b) for b in batches]
+                task.train_mode()
+                loaded = load_batches(data, shares, self.device, cfg.data.num_workers, refill=True,
+                                      skipped=self.skipped, resident=resident)
+                for batch_idx, batch in zip(batches, loaded):
+                    rng = StepRNG(own=torch.Generator().manual_seed(D.seed_for(tc.seed, step, self.dist.rank)),
+                                  shared=torch.Generator().manual_seed(D.seed_for(tc.seed, step)))
                     torch.manual_seed(D.seed_for(tc.seed, step, self.dist.rank, 1))
-                    cur_lr = cosine_lr(step, total_steps, lr, warmup_steps, tc.min_lr)
-                    for g in optimizer.param_groups:
-                        g["lr"] = cur_lr
+                    if tc.schedule == "step":
+                        cur_lr = step_lr(step, total_steps, lr, warmup_steps, tc.milestones)
+                    else:
+                        cur_lr = cosine_lr(step, total_steps, lr, warmup_steps, tc.min_lr)
+                    apply_lr(optimizer, cur_lr)
                     if tc.weight_decay_end is not None:
                         # a function of the step alone, like the lr: a resumed run gets the same values
                         cur_wd = cosine_wd(step, total_steps, tc.weight_decay, tc.weight_decay_end)
                         for g, d in zip(optimizer.param_groups, decays):
                             if d:
                                 g["weight_decay"] = cur_wd
-                    method.on_step_start(step, steps_per_epoch, total_steps)
+                    task.on_step_start(step, spe, total_steps)
+                    batch["global_size"] = len(batch_idx)
                     with torch.no_grad():
-                        views = method.make_views(images, gen)
-                    with autocast:
-                        out = model(views)
+                        batch = task.make_batch(batch, rng)
+                    with self.autocast():
+                        out = model(batch)
                     loss = out["loss"]
+                    n_own = len(self.share(batch_idx))
+                    if world > 1 and n_own * world != len(batch_idx):
+                        # Each process's loss is the mean over its share and DDP averages the
+                        # gradients: weighted by the share's part of the batch (shares differ by
+                        # an image when the batch does not divide), the average is the gradient
+                        # of the whole batch's mean loss, as one process computes it.
+                        weight = world * n_own / len(batch_idx)
+                        loss = loss * weight
+                        out = {k: v * weight if torch.is_tensor(v) else v for k, v in out.items()}
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if tc.clip_grad > 0:
-                        nn.utils.clip_grad_norm_(method.parameters(), tc.clip_grad)
-                    method.before_optimizer_step(step, steps_per_epoch)
+                        nn.utils.clip_grad_norm_(task.parameters(), tc.clip_grad)
+                    task.before_optimizer_step(step, spe)
                     optimizer.step()
-                    method.on_step_end(step, total_steps)
+                    task.on_step_end(step, total_steps)
+                    if world > 1:
+                        # rank 0's BatchNorm statistics everywhere (gloo has no SyncBatchNorm), so
+                        # hooks (EMA, evaluation) see one model before DDP's next forward syncs them
+                        D.broadcast_buffers(task)
                     # Checked lazily (no GPU sync per step); nothing is saved before the check.
                     bad |= ~torch.isfinite(loss.detach())
-                    loss_sum += loss.detach().float()
-                    loss_count += 1
-                    img_log += len(images) * self.dist.world_size
+                    for k, v in out.items():
+                        v = torch.as_tensor(v, device=self.device).detach().float()
+                        sums[k] = sums[k] + v if k in sums else v
+                    count += 1
+                    img_log += len(batch_idx)
                     step += 1
+                    self.step, self.epoch = step, step // spe
+                    for h in self.hooks:
+                        h.after_step(self)
                     bar.update(1)
-                    end_of_epoch = step % steps_per_epoch == 0
+                    end_of_epoch = step % spe == 0
                     want_ckpt = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == max_steps or \
                         (not tc.ckpt_every and end_of_epoch)
                     if step % tc.log_every == 0 or want_ckpt or end_of_epoch:
                         self._check_finite(bad, step, last_ckpt)
-                        mean_loss = D.all_reduce_mean(loss_sum / loss_count).item()
+                        means = {k: D.all_reduce_mean(v / count).item() for k, v in sums.items()}
                         ips = img_log / max(1e-9, time.perf_counter() - t_log)
-                        rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss,
+                        rec = {"step": step, "epoch": round(step / spe, 4), "loss": means.pop("loss"),
                                "lr": cur_lr, **({"wd": cur_wd} if tc.weight_decay_end is not None else {}),
-                               "img_per_s": round(ips, 1),
-                               **{k: float(v) for k, v in out.items() if k != "loss"}}
-                        self.history["loss"].append([step, mean_loss])
-                        if is_main:
-                            metrics_file.write(json.dumps(rec) + "\n")
-                            metrics_file.flush()
-                            if writer:
-                                for k, v in rec.items():
-                                    if k not in ("step", "epoch"):
-                                        writer.add_scalar(f"train/{k}", v, step)
-                            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", lr=f"{cur_lr:.2e}")
-                        loss_sum.zero_()
-                        loss_count, t_log, img_log = 0, time.perf_counter(), 0
-                    if end_of_epoch and monitor and tc.knn_every and (step // steps_per_epoch) % tc.knn_every == 0:
-                        self._knn_monitor(method, monitor, step, steps_per_epoch, writer, metrics_file)
+                               "img_per_s": round(ips, 1), **means}
+                        self.history["loss"].append([step, rec["loss"]])
+                        self.log(rec, prefix="train")
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{ips:.0f}", lr=f"{cur_lr:.2e}")
+                        sums, count, t_log, img_log = {}, 0, time.perf_counter(), 0
+                    if end_of_epoch:
+                        for h in self.hooks:
+                            h.after_epoch(self)
+                        task.train_mode()
                     if want_ckpt:
-                        self._save(method, optimizer, step, last=True)
+                        self._save(task, optimizer, step)
                         last_ckpt = step
                     if step >= max_steps:
                         break
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
-            if writer:
-                writer.close()
+            if self.metrics_file:
+                self.metrics_file.close()
+            if self.writer:
+                self.writer.close()
 
         result = {"steps": step, "loss": self.history["loss"][-1][1] if self.history["loss"] else float("nan"),
                   "knn": self.history["knn"][-1][1] if self.history["knn"] else None,
-                  "skipped": len(self.skipped), "run_dir": str(self.run_dir)}
-        if is_main:
-            self._finish(method, data, result, finished=step >= total_steps)
+                  "skipped": len(self.skipped), "finished": step >= total_steps,
+                  "run_dir": str(self.run_dir) if self.run_dir is not None else None}
+        for h in self.hooks:
+            h.after_train(self)
+        if self.writes:
+            self._finish(data)
         D.barrier()
         return result
 
     # ---------------------------------------------------------------- helpers
+    def log(self, rec: dict, prefix: str = "train") -> None:
+        """One line of metrics.jsonl (rank 0) and its scalars in TensorBoard under ``prefix/``."""
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(rec) + "\n")
+            self.metrics_file.flush()
+        if self.writer:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, self.step)
+
     def _check_finite(self, bad: torch.Tensor, step: int, last_ckpt: int) -> None:
         if D.all_reduce_max(bad.to(torch.float32)).item() > 0:
             where = (f"the last good checkpoint (step {last_ckpt}) is kept in {self.run_dir / 'checkpoints'}"
-                     if last_ckpt else "no checkpoint had been written yet")
+                     if last_ckpt and self.run_dir is not None else "no checkpoint had been written yet")
             raise TrainingError(f"loss became NaN or inf at or before step {step}; {where}. "
                                 f"Lower train.lr, set train.clip_grad, or use train.precision=fp32.")
 
-    def _save(self, method: nn.Module, optimizer, step: int, last: bool) -> None:
-        if not self.dist.is_main:
+    def _save(self, task: nn.Module, optimizer, step: int) -> None:
+        if not self.writes:
             return
-        state = {"method": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "history": self.history, "config": to_dict(self.cfg), "skipped": sorted(self.skipped)}
+        state = {"method": task.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "history": self.history, "config": to_dict(self.cfg), "skipped": sorted(self.skipped),
+                 "world_size": self.dist.world_size,
+                 "hooks": {_hook_key(i, h): h.state_dict() for i, h in enumerate(self.hooks)}}
         save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+
+    def _load(self, task: nn.Module, optimizer, spe: int) -> dict:
+        if self.run_dir is None:
+            raise TrainingError("resuming needs the run directory")
+        try:
+            state = load_checkpoint(self.run_dir, map_location=self.device)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise TrainingError(f"'{self.run_dir / 'checkpoints' / 'last.pt'}' is not a readable checkpoint "
+                                f"({type(e).__name__}: {first})") from None
+        tc = self.cfg.train
+        saved_bs = state.get("config", {}).get("train", {}).get("batch_size", tc.batch_size)
+        if saved_bs != tc.batch_size:
+            raise TrainingError(f"the checkpoint was trained with train.batch_size={saved_bs}; resuming with "
+                                f"{tc.batch_size} would not continue the same run")
+        if self.strict_resume:
+            saved, now = _flat(state.get("config", {})), _flat(to_dict(self.cfg))
+            differ = sorted(k for k in set(saved) | set(now) if k not in _RUN_ONLY and saved.get(k) != now.get(k))
+            if differ:
+                raise TrainingError(f"the checkpoint in '{self.run_dir}' was made with other values of "
+                                    f"{', '.join(differ)}: resume with the run's own config.yaml")
+        if state.get("world_size", self.dist.world_size) != self.dist.world_size:
+            raise TrainingError(f"the checkpoint in '{self.run_dir}' was made by {state['world_size']} "
+                                f"process(es): resume with as many, not {self.dist.world_size}")
+        task.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.history = {"loss": [], "knn": [], "eval": [], **state["history"]}
+        self.skipped = set(state.get("skipped", []))
+        self.step = state["step"]
+        self.epoch = self.step // spe
+        self._truncate_metrics(self.step)
+        if self.is_main and not self.quiet:
+            print(f"resumed from step {self.step} ({self.step / spe:.2f} epochs)")
+        return state
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
         path = self.run_dir / "metrics.jsonl"
-        if not self.dist.is_main or not path.exists():
+        if not self.writes or not path.exists():
             return
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in keep))
@@ -267,56 +352,24 @@ class Trainer:
         # On resume, hide events logged after the checkpoint (they are redone), as for metrics.jsonl.
         return SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
-    def _knn_monitor(self, method, monitor, step, steps_per_epoch, writer, metrics_file) -> None:
-        """kNN top-1 (k=20) of the current backbone; computed on rank 0 while others wait."""
-        if self.dist.is_main:
-            from keel.evaluate.monitor import knn_monitor
-            acc = knn_monitor(method.export_backbone(), monitor, self.cfg, self.device, self.amp_dtype)
-            epoch = step // steps_per_epoch
-            self.history["knn"].append([epoch, acc])
-            metrics_file.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": acc}) + "\n")
-            metrics_file.flush()
-            if writer:
-                writer.add_scalar("monitor/knn_top1", acc, step)
-            if not self.quiet:
-                tqdm.write(f"epoch {epoch}: kNN top-1 {acc:.2f}%")
-            method.train()
-        D.barrier()
-
-    def _finish(self, method, data, result: dict, finished: bool) -> None:
-        cfg = self.cfg
+    def _finish(self, data) -> None:
         if self.skipped and getattr(data, "paths", None) is not None:
             (self.run_dir / "skipped.txt").write_text("".join(data.paths[i] + "\n" for i in sorted(self.skipped)))
-        card = {
-            "model": cfg.model.name,
-            "model_kwargs": model_kwargs(cfg),
-            "method": cfg.method.name,
-            "data": {"source": cfg.data.source, "images": len(data), "skipped": len(self.skipped),
-                     "img_size": cfg.data.img_size},
-            "epochs": result["steps"] / max(1, len(data) // cfg.train.batch_size),
-            "steps": result["steps"],
-            "finished": finished,
-            "config": to_dict(cfg),
-            "metrics": {"final_loss": result["loss"], "knn_top1": result["knn"]},
-            "keel_version": _version(),
-        }
-        export_backbone(method.export_backbone(), self.run_dir, card)
-        from keel.show import plot_run
-        plot_run(self.history, self.run_dir / "curves.png")
+        plot_run(self.history, self.run_dir / "curves.png", main_metric=self.task.main_metric)
         if not self.quiet and getattr(data, "paths", None) is not None:
             print(f"{len(self.skipped)} files skipped" + (f" (list in {self.run_dir / 'skipped.txt'})" if self.skipped else ""))
 
 
-def model_kwargs(cfg: RunConfig) -> dict:
-    """The create_model keywords a run used: enough to rebuild the backbone from its card."""
-    kw = {"img_size": cfg.data.img_size}
-    if cfg.model.drop_path_rate:
-        kw["drop_path_rate"] = cfg.model.drop_path_rate
-    if cfg.model.global_pool:
-        kw["global_pool"] = cfg.model.global_pool
-    return kw
+def _hook_key(i: int, hook) -> str:
+    """A hook's name in the checkpoint: its place and class (two EvalHooks keep apart)."""
+    return f"{i}.{type(hook).__name__}"
 
 
-def _version() -> str:
-    from keel import __version__
-    return __version__
+_RUN_ONLY = ("data.num_workers", "train.out_dir", "train.run_name")   # keys a resumed run may change
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -4,8 +4,8 @@ A backbone exposes ``embed(x) -> (B, D)`` pooled features.  Datasets come in two
 flavours (see :mod:`keel.data.sources`):
 
 * in-memory: an object with ``images`` (uint8 ``(N, 3, H, W)``) and ``labels``;
-* file based: a ``Dataset`` yielding ``(image or None, label, index)`` which is
-  batched with ``keel.data.sources.collate_skip`` (undecodable files are dropped).
+* file based: a ``Dataset`` yielding ``(image or None, label, index)``, decoded
+  and batched by ``keel.data.batches.load_batches`` (undecodable files are dropped).
 
 Features always come back as float32 on the CPU, labels as int64 on the CPU.
 """
@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from keel.data.batches import load_batches
 
 __all__ = ["extract_features", "cached_features"]
 
@@ -42,7 +44,7 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _in_memory_batches(dataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _in_memory_batches(dataset, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     images = dataset.images
     labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
     if not isinstance(images, Tensor):
@@ -50,32 +52,21 @@ def _in_memory_batches(dataset, batch_size: int) -> Iterator[tuple[Tensor, Tenso
     n = images.shape[0]
     if labels.shape[0] != n:
         raise ValueError(f"dataset has {n} images but {labels.shape[0]} labels")
-    for start in range(0, n, batch_size):
-        yield images[start:start + batch_size], labels[start:start + batch_size]
+    # the converted tensors stand in for the dataset's own (arrays, labels of another dtype)
+    for batch in load_batches(dataset, torch.arange(n).split(batch_size), device, num_workers=0,
+                              resident={"images": images, "labels": labels}):
+        yield batch["images"], batch["labels"]
 
 
 def _loader_batches(dataset, batch_size: int, num_workers: int,
-                    pin_memory: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    from torch.utils.data import DataLoader
-
-    from keel.data.sources import collate_skip
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate_skip,
-                        pin_memory=pin_memory, drop_last=False)
-    for batch in loader:
+                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    for batch in load_batches(dataset, torch.arange(len(dataset)).split(batch_size), device, num_workers):
         images = batch["images"]
-        if images is None or images.shape[0] == 0:
+        if images.shape[0] == 0:
             continue  # every file of this batch failed to decode
-        yield images, batch["labels"]
-
-
-def _num_batches(dataset, batch_size: int) -> int | None:
-    try:
-        n = len(dataset.images) if hasattr(dataset, "images") else len(dataset)
-    except TypeError:
-        return None
-    return (n + batch_size - 1) // batch_size
+        # load_batches leaves out the labels of unlabeled data, which sources mark -1 per image
+        labels = batch["labels"]
+        yield images, labels
 
 
 @torch.no_grad()
@@ -98,21 +89,21 @@ def extract_features(backbone: nn.Module, dataset, transform: Callable[[Tensor],
         raise ValueError("batch_size must be >= 1")
     device = torch.device(device)
     if hasattr(dataset, "images"):
-        batches = _in_memory_batches(dataset, batch_size)
+        batches = _in_memory_batches(dataset, batch_size, device)
+        total = (len(dataset.images) + batch_size - 1) // batch_size
     else:
-        batches = _loader_batches(dataset, batch_size, num_workers,
-                                  pin_memory=device.type == "cuda")
+        batches = _loader_batches(dataset, batch_size, num_workers, device)
+        total = (len(dataset) + batch_size - 1) // batch_size
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="features", total=_num_batches(dataset, batch_size),
-                       unit="batch", dynamic_ncols=True)
+        batches = tqdm(batches, desc="features", total=total, unit="batch", dynamic_ncols=True)
 
     feats: list[Tensor] = []
     labs: list[Tensor] = []
     with _eval_mode(backbone):
         for images, labels in batches:
-            x = transform(images.to(device, non_blocking=True))
+            x = transform(images)
             with _autocast(device, amp_dtype):
                 z = backbone.embed(x)
             if z.ndim != 2 or z.shape[0] != images.shape[0]:

@@ -7,7 +7,7 @@ sampled (:func:`sample_shots`) and each protocol is scored on the full test spli
   (:func:`keel.evaluate.features.cached_features`; with ``cache_dir`` the files are those
   ``evaluate_frozen`` writes, so one cache serves both);
 * ``finetune`` trains a fresh copy of the backbone on the sampled images with
-  :func:`keel.evaluate.finetune.finetune` and reports the last epoch (no epoch is picked on the
+  :func:`keel.jobs.finetune.finetune` and reports the last epoch (no epoch is picked on the
   test split).
 
 Draw ``d`` depends on ``(seed, d)`` only, and within a draw the images of each class are taken
@@ -17,7 +17,6 @@ more shots only ever add images, which keeps the curves over shots smooth.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +25,9 @@ import torch
 import torch.nn as nn
 
 from keel.evaluate.features import cached_features
-from keel.evaluate.finetune import ClassificationTask, FinetuneConfig, finetune
+from keel.config import FinetuneConfig, override
+from keel.jobs.finetune import finetune
+from keel.tasks.classify import ClassificationTask
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import linear_probe
@@ -73,10 +74,11 @@ def sample_shots(labels, shots: int, draws: int, seed: int = 0,
 
 def fewshot_finetune_config(img_size: int, device: str = "auto", **overrides) -> FinetuneConfig:
     """The default few-shot fine-tuning schedule: 50 epochs (one or two steps each on sets this
-    small), 5 of warm-up, batch 128 at AdamW's default lr, evaluated after the last epoch only."""
-    cfg = FinetuneConfig(img_size=img_size, epochs=50, warmup_epochs=5.0, batch_size=128,
-                         eval_every=0, device=device)
-    return replace(cfg, **overrides)
+    small), 5 of warm-up, batch 128 at AdamW's default lr, evaluated after the last epoch only.
+    ``overrides``: ``{"section.key": value}``."""
+    cfg = override(FinetuneConfig(), {"data.img_size": img_size, "train.epochs": 50, "train.warmup_epochs": 5.0,
+                                      "train.batch_size": 128, "train.eval_every": 0, "train.device": device})
+    return override(cfg, overrides) if overrides else cfg
 
 
 def _summary(values: list[float]) -> dict:
@@ -120,7 +122,7 @@ def fewshot(backbone: nn.Module, train_ds, test_ds, shots: Sequence[int] = (1, 5
                              "dataset indices do not line up: remove the unreadable files first")
     if "finetune" in protocols:
         fcfg = finetune_cfg or fewshot_finetune_config(img_size, device=device)
-        task = ClassificationTask(num_classes, fcfg.label_smoothing)
+        task = ClassificationTask(num_classes, fcfg.task.label_smoothing)
 
     per_draw: dict[str, dict[int, list[float]]] = {p: {s: [] for s in shots} for p in protocols}
     jobs = [(s, d) for s in shots for d in range(draws)]
@@ -140,6 +142,6 @@ def fewshot(backbone: nn.Module, train_ds, test_ds, shots: Sequence[int] = (1, 5
             per_draw["linear"][s].append(acc["linear_top1"])
         if "finetune" in protocols:
             res = finetune(copy.deepcopy(backbone), train_ds.subset(idx), test_ds,
-                           replace(fcfg, seed=draw_seed % (1 << 31)), task=task, progress=False)
+                           override(fcfg, {"train.seed": draw_seed % (1 << 31)}), task=task, progress=False)
             per_draw["finetune"][s].append(res["final"][task.main_metric])
     return {p: {s: _summary(v) for s, v in by_shots.items()} for p, by_shots in per_draw.items()}

@@ -17,12 +17,12 @@ def _limit(ds, n: int, seed: int = 0):
 
 
 @torch.no_grad()
-def knn_monitor(backbone, monitor, cfg, device, amp_dtype=None) -> float:
-    """kNN top-1 (%) with the largest configured k, on at most ``train.knn_subset`` images per split."""
-    train_ds, test_ds = (_limit(d, cfg.train.knn_subset) for d in monitor)
-    transform = make_eval_transform(cfg.data.img_size)
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, amp_dtype=amp_dtype)
+def knn_monitor(backbone, splits, img_size: int, k: int, t: float, subset: int, batch_size: int, device,
+                amp_dtype=None) -> float:
+    """kNN top-1 (%) with ``k`` neighbours, on at most ``subset`` images per split."""
+    train_ds, test_ds = (_limit(d, subset) for d in splits)
+    transform = make_eval_transform(img_size)
+    kw = dict(batch_size=batch_size, device=device, amp_dtype=amp_dtype)
     xtr, ytr = extract_features(backbone, train_ds, transform, **kw)
     xte, yte = extract_features(backbone, test_ds, transform, **kw)
-    k = max(cfg.eval.knn_k)
-    return knn_eval(xtr, ytr, xte, yte, ks=(k,), temperature=cfg.eval.knn_t)[f"knn_top1@{k}"]
+    return knn_eval(xtr, ytr, xte, yte, ks=(k,), temperature=t)[f"knn_top1@{k}"]

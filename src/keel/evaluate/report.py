@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from keel.viz import plt
+
 __all__ = ["write_report", "markdown", "table_rows", "fraction_rows", "plot_fewshot", "plot_fractions",
            "plot_bars"]
 
@@ -245,7 +247,6 @@ def _curve_style(results: dict) -> dict[str, str]:
 def plot_fewshot(results: dict, path: str | Path, title: str = "") -> Path | None:
     """Accuracy against labeled images per class: one line per checkpoint and few-shot protocol
     (colour: checkpoint, line style: protocol), error bars one standard deviation."""
-    from keel.show import plt
     curves = [(lb, proto, by_shots) for lb, r in results.items() for proto, by_shots in r.get("fewshot", {}).items()
               if by_shots]
     if not curves:
@@ -263,7 +264,6 @@ def plot_fewshot(results: dict, path: str | Path, title: str = "") -> Path | Non
 def _save_log_x(fig, ax, ticks, labels, xlabel: str, title: str, path) -> Path:
     """The common end of the accuracy-vs-labels plots: log x axis with ``ticks`` labelled, grid,
     legend, saved to ``path`` and closed."""
-    from keel.show import plt
     ax.set_xscale("log")
     ax.set_xticks(ticks, labels)
     ax.minorticks_off()
@@ -279,7 +279,6 @@ def _save_log_x(fig, ax, ticks, labels, xlabel: str, title: str, path) -> Path:
 def plot_fractions(results: dict, path: str | Path, title: str = "") -> Path | None:
     """Accuracy against the fraction of training labels (log axis): one line per checkpoint and
     protocol (colour: checkpoint, line style: protocol, as :func:`plot_fewshot`)."""
-    from keel.show import plt
     curves = []
     for lb, r in results.items():
         for proto in ("linear", "finetune"):
@@ -299,9 +298,8 @@ def plot_fractions(results: dict, path: str | Path, title: str = "") -> Path | N
 
 
 def plot_bars(rows: dict[str, dict[str, float]], path: str | Path, title: str = "") -> Path:
-    """Grouped bars (as :func:`keel.show.plot_comparison`): one group per metric, one bar per
+    """Grouped bars (as :func:`keel.viz.curves.plot_comparison`): one group per metric, one bar per
     checkpoint, with the legend above the axes so that it never hides a bar."""
-    from keel.show import plt
     names = list(rows)
     metrics = list(next(iter(rows.values())))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.2 * len(metrics) * max(1.0, len(names) / 2)), 4.2))

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from keel.data.batches import load_batches
 from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.knn import knn_eval
 from keel.evaluate.linear import accuracy_topk
@@ -127,19 +128,15 @@ def shift(images: torch.Tensor, kind: str, severity: int, seed: int = 0) -> torc
 
 # ---------------------------------------------------------------------------------- scoring
 def _batches(ds, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, int64 labels) in dataset order: sliced for in-memory data, decoded by a
-    DataLoader for image folders (undecodable files dropped)."""
-    if hasattr(ds, "images"):
-        labels = torch.as_tensor(ds.labels, dtype=torch.int64)
-        for start in range(0, len(labels), batch_size):
-            yield ds.images[start:start + batch_size], labels[start:start + batch_size]
-        return
-    from keel.data.sources import collate_skip
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_skip)
-    for batch in loader:
-        if len(batch["images"]):
-            yield batch["images"], batch["labels"]
+    """(uint8 images, int64 labels) in dataset order, on the CPU where the shifts are drawn
+    (undecodable files dropped, batches left empty by them skipped)."""
+    index_batches = torch.arange(len(ds)).split(batch_size)
+    for batch in load_batches(ds, index_batches, torch.device("cpu"), num_workers):
+        images = batch["images"]
+        if len(images):
+            # load_batches leaves out the labels of unlabeled data, which sources mark -1 per image
+            labels = batch["labels"]
+            yield images, labels.to(torch.int64)
 
 
 def _conditions(shifts: Sequence[str], severities: Sequence[int]) -> list[tuple[str, int]]:

@@ -7,9 +7,9 @@ For each dataset and each checkpoint, in this order:
 2. ``fewshot``: :func:`keel.evaluate.fewshot.fewshot` (kNN and linear probe on ``shots`` images per
    class, ``draws`` random draws) on the same cached features; shot counts larger than the
    smallest class are left out (and said so in the notes);
-3. ``finetune``: :func:`keel.evaluate.finetune.finetune` of a copy of the backbone, a short
+3. ``finetune``: :func:`keel.jobs.finetune.finetune` of a copy of the backbone, a short
    schedule by default (:func:`suite_finetune_config`) or BiT-HyperRule (``finetune_recipe=
-   "hyperrule"``, see :mod:`keel.evaluate.hyperrule`); the last epoch's top-1 is reported;
+   "hyperrule"``, see :mod:`keel.recipes.hyperrule`); the last epoch's top-1 is reported;
 4. ``robustness``: top-1 on the test split shifted by noise, blur, contrast and JPEG at one
    severity (:mod:`keel.evaluate.robustness`), scored by the fine-tuned classifier when step 3
    ran, else by kNN (k = 20) against the clean training features;
@@ -39,13 +39,19 @@ from typing import Sequence
 
 import torch
 
+from keel import hub
+from keel.config import FinetuneConfig, override
+from keel.data.sources import labeled_splits
+from keel.engine.distributed import resolve_device
 from keel.evaluate.features import cached_features
 from keel.evaluate.fewshot import _draw_seed, fewshot
-from keel.evaluate.finetune import FinetuneConfig, finetune, load_for_finetune
 from keel.evaluate.frozen import evaluate_frozen, make_eval_transform
-from keel.evaluate.hyperrule import hyperrule_config
 from keel.evaluate.linear import linear_probe
+from keel.evaluate.report import write_report
 from keel.evaluate.robustness import SHIFTS, robustness, robustness_knn
+from keel.jobs.finetune import finetune
+from keel.recipes.hyperrule import hyperrule_config
+from keel.version import __version__
 
 __all__ = ["run_suite", "suite_finetune_config", "sample_fraction", "checkpoint_label", "default_img_size",
            "PROTOCOLS"]
@@ -56,10 +62,12 @@ PROTOCOLS = ("knn", "linear", "fewshot", "finetune", "robustness")
 def suite_finetune_config(img_size: int, epochs: int = 10, device: str = "auto", seed: int = 0,
                           **overrides) -> FinetuneConfig:
     """The suite's short fine-tuning schedule: ``epochs`` epochs of full fine-tuning with AdamW at
-    keel's defaults, one epoch of warm-up (at most a tenth of the run), evaluated once at the end."""
-    cfg = FinetuneConfig(img_size=img_size, epochs=epochs, warmup_epochs=min(1.0, epochs / 10), eval_every=0,
-                         device=device, seed=seed)
-    return dataclasses.replace(cfg, **overrides)
+    keel's defaults, one epoch of warm-up (at most a tenth of the run), evaluated once at the end.
+    ``overrides``: ``{"section.key": value}``."""
+    cfg = override(FinetuneConfig(), {"data.img_size": img_size, "train.epochs": epochs,
+                                      "train.warmup_epochs": min(1.0, epochs / 10), "train.eval_every": 0,
+                                      "train.device": device, "train.seed": seed})
+    return override(cfg, overrides) if overrides else cfg
 
 
 def sample_fraction(labels, fraction: float, seed: int = 0) -> torch.Tensor:
@@ -98,14 +106,8 @@ def checkpoint_label(spec: str) -> str:
 
 
 def default_img_size(spec: str) -> int:
-    """The side a checkpoint was pretrained at (its card), 32 for ``random:``, 224 for ``timm:``."""
-    if spec.startswith("random:"):
-        return 32
-    if spec.startswith("timm:"):
-        return 224
-    from keel.engine.checkpoint import read_card
-    _, card = read_card(spec)
-    return int(card.get("model_kwargs", {}).get("img_size") or card.get("data", {}).get("img_size") or 224)
+    """The side a checkpoint is evaluated at when none is given: :func:`keel.hub.default_img_size`."""
+    return hub.default_img_size(spec, arg="--checkpoint")
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -153,7 +155,7 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
               finetune_recipe: str = "short", finetune_cfg: FinetuneConfig | None = None,
               hyperrule_scale: float = 1.0, severity: int = 3, shifts: Sequence[str] = SHIFTS,
               batch_size: int = 256, label_fractions: Sequence[float] = ()) -> dict:
-    """Evaluate every checkpoint (anything :func:`load_for_finetune` accepts: run directories,
+    """Evaluate every checkpoint (anything :func:`keel.hub.resolve_backbone` accepts: run directories,
     ``backbone.safetensors``, ``timm:MODEL:FILE``, ``random:MODEL``) on every dataset (built-in
     names or labeled folders, see :func:`keel.data.sources.labeled_splits`) and write
     ``report.json``, ``report.md`` and PNGs into ``out_dir``. Returns the report dict.
@@ -173,10 +175,6 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
     the subset). A fraction that takes the whole split reuses the suite's fine-tune number instead
     of running it again.
     """
-    from keel.data.sources import labeled_splits
-    from keel.engine.distributed import resolve_device
-    from keel.evaluate.report import write_report
-
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown} ({' | '.join(PROTOCOLS)})")
@@ -195,12 +193,6 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
     amp_dtype = torch.bfloat16 if dev.type == "cuda" else None
 
     # everything that can fail on a typo fails here, before any long work (or any file written)
-    from keel.evaluate.finetune import _keel_name
-    for spec in checkpoints:
-        if spec.startswith(("random:", "timm:")):
-            _keel_name(spec.split(":")[1])        # an unknown model name fails now, not hours later
-        if spec.startswith("timm:") and not Path(spec.split(":", 2)[-1]).expanduser().is_file():
-            raise FileNotFoundError(f"'{spec}': no weights file at '{spec.split(':', 2)[-1]}'")
     sizes = {spec: int(img_size or default_img_size(spec)) for spec in checkpoints}
     labels = _unique([checkpoint_label(s) for s in checkpoints])
     ds_keys = _unique([_dataset_key(d) for d in datasets])
@@ -225,7 +217,6 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
                   shifts=list(shifts), device=str(dev), batch_size=batch_size)
     if fractions:       # absent otherwise: a suite without fractions writes what it always wrote
         config["label_fractions"] = fractions
-    from keel import __version__
     report: dict = {"keel_version": __version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "config": config, "datasets": {}, "results": {}, "notes": [], "seconds": None}
     t_start = time.perf_counter()
@@ -248,7 +239,7 @@ def run_suite(checkpoints: Sequence[str], datasets: Sequence[str], out_dir: str 
             res: dict = {"spec": spec, "img_size": size, "seconds": {}}
             report["results"][key][label] = res
             t0 = time.perf_counter()
-            backbone = load_for_finetune(spec, size, seed=seed).to(dev)
+            backbone = hub.resolve_backbone(spec, size, seed=seed, arg="--checkpoint")[0].to(dev)
             res["seconds"]["load"] = round(time.perf_counter() - t0, 2)
             _log(progress, f"{key} / {label}: {len(train)} train, {len(test)} test images at {size} px")
 
@@ -383,10 +374,10 @@ def _label_fractions(backbone, train, test, fractions: list[float], size: int, n
 def _finetune_cfg(given: FinetuneConfig | None, recipe: str, size: int, epochs: int, dev, seed: int,
                   n_train: int, scale: float) -> tuple[FinetuneConfig, str]:
     if given is not None:
-        return dataclasses.replace(given, img_size=size, device=str(dev), seed=seed), ""
+        return override(given, {"data.img_size": size, "train.device": str(dev), "train.seed": seed}), ""
     base = suite_finetune_config(size, epochs=epochs, device=str(dev), seed=seed)
     if recipe == "short":
         return base, ""
     cfg, why = hyperrule_config(base, n_train, size, scale_steps=scale)
     # the suite compares checkpoints at their own resolution: keep it, take BiT's schedule and optimizer
-    return dataclasses.replace(cfg, img_size=size), why + f"\n  (the suite keeps {size} px instead of the rule's crop)"
+    return override(cfg, {"data.img_size": size}), why + f"\n  (the suite keeps {size} px instead of the rule's crop)"

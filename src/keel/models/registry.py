@@ -1,4 +1,10 @@
-"""Model registry: a name maps to a builder function; ``create_model`` is the one way in."""
+"""Model registry: a name maps to a builder function; ``create_model`` is the one way in.
+
+The families register themselves when imported, and ``keel.models`` imports them all (as timm's
+``timm.models`` does): Python runs a package's ``__init__`` before any of its modules, so
+whoever reaches this registry, by whatever import, finds every model in it. The registry itself
+imports no family, so a family importing it closes no cycle.
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,21 +24,18 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def family_of(name: str) -> str:
     """The module that defines model ``name`` (where its timm key mapping lives too)."""
-    _import_families()
     if name not in _MODELS:
         raise ValueError(f"unknown model '{name}'; `keel models` lists them")
     return _MODELS[name].__module__
 
 
 def list_models(pattern: str = "") -> list[str]:
-    _import_families()
     return sorted(n for n in _MODELS if pattern in n)
 
 
 def create_model(name: str, num_classes: int = 0, **kwargs) -> nn.Module:
     """Build a backbone by name. ``num_classes=0`` gives a head-less backbone whose forward is
     ``embed``; any other keyword overrides a field of the model's config (img_size, depth, ...)."""
-    _import_families()
     if name not in _MODELS:
         import difflib
         close = difflib.get_close_matches(name, _MODELS, n=3)
@@ -41,6 +44,12 @@ def create_model(name: str, num_classes: int = 0, **kwargs) -> nn.Module:
     return _MODELS[name](num_classes=num_classes, **kwargs)
 
 
-def _import_families() -> None:
-    # Importing a family module runs its @register_model decorators.
-    from keel.models import cswin, hybrid, resnet, resnetv2, swin, vit  # noqa: F401
+def model_kwargs(cfg) -> dict:
+    """The create_model keywords a pretraining config (``data.img_size``, ``model.drop_path_rate``,
+    ``model.global_pool``) builds its backbone with: enough to rebuild it from its card."""
+    kw = {"img_size": cfg.data.img_size}
+    if cfg.model.drop_path_rate:
+        kw["drop_path_rate"] = cfg.model.drop_path_rate
+    if cfg.model.global_pool:
+        kw["global_pool"] = cfg.model.global_pool
+    return kw

@@ -1,0 +1,59 @@
+"""Batches of a dataset on the device, from lists of indices: the one place data is loaded.
+
+Built-in datasets live in memory (``.images``, ``.labels``) and are indexed directly; image folders
+and label files are decoded by DataLoader workers. Undecodable files are reported to ``skipped``
+and either dropped (a batch can then come out smaller, or empty) or, with ``refill``, replaced by
+the batch's decodable images, so that every batch keeps its size: processes under torchrun step
+together and compiled graphs keep a static shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from keel.data.sources import DataError, collate_skip
+
+
+def load_batches(ds, index_batches: Iterable[torch.Tensor], device: torch.device, num_workers: int = 2,
+                 refill: bool = False, skipped: set[int] | None = None,
+                 resident: dict[str, torch.Tensor] | None = None, index: bool = False) -> Iterator[dict]:
+    """``{"images": uint8 (B, 3, H, W), "labels": ... (when the data has labels)}`` on ``device``
+    for each tensor of indices, in order. ``resident``: the in-memory dataset's tensors to index
+    instead of ``ds.images``/``ds.labels`` (e.g. already on the device, so not copied each step).
+    ``index``: add ``"index"``, each row's position in ``ds`` (on the CPU), which tells the rows
+    apart once undecodable files are dropped."""
+    index_batches = list(index_batches)
+    if hasattr(ds, "images"):
+        tensors = resident or {"images": ds.images, "labels": getattr(ds, "labels", None)}
+        for idx in index_batches:
+            out = {}
+            for key, t in tensors.items():
+                if t is not None:
+                    out[key] = t[idx.to(t.device)].to(device, non_blocking=True)
+            if index:
+                out["index"] = idx
+            yield out
+        return
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=[b.tolist() for b in index_batches], num_workers=num_workers,
+        collate_fn=getattr(ds, "collate_fn", collate_skip), pin_memory=device.type == "cuda",
+        persistent_workers=False)
+    for idx, batch in zip(index_batches, loader):
+        if skipped is not None:
+            skipped.update(batch["skipped"].tolist())
+        images, labels, rows = batch["images"], batch.get("labels"), batch.get("index")
+        if refill and len(images) < len(idx):
+            if len(images) == 0:
+                raise DataError(f"no image of a batch of {len(idx)} could be decoded ({len(skipped or ())} files "
+                                "skipped so far): are these really images?")
+            keep = torch.arange(len(idx)) % len(images)
+            images = images[keep]
+            labels = labels[keep] if labels is not None else None
+            rows = rows[keep] if rows is not None else None
+        out = {"images": images.to(device, non_blocking=True)}
+        if labels is not None:   # an unlabeled folder's are -1
+            out["labels"] = labels.to(device, non_blocking=True)
+        if index:
+            out["index"] = rows
+        yield out
