@@ -93,8 +93,10 @@ data.img_size: 0 (default) = the size the backbone was trained at; random:/timm:
 data.source: a built-in name, a labeled folder, or a CSV: image,labels (multi-label, "a;b") or
 image,primary,secondary (two-level); its test split is data.test_source= or every 5th row.
 
-views: a random resized crop (aug.scale_min of the area at least) and a horizontal flip
-(aug.hflip=0 for images whose orientation matters, e.g. digits or text).
+views: a random resized crop keeping 64-100% of the image area (aug.scale_min; BiT's fine-tuning
+crop) and a horizontal flip with probability 0.5 (aug.hflip). This assumes photos, where a mirror
+image is the same class: for images whose orientation matters (digits, text, charts, maps) turn
+the flip off with aug.hflip=0.
 
 examples:
   keel finetune model.backbone=runs/my-run data.source=digits train.epochs=30
@@ -322,14 +324,14 @@ def cmd_demo(args) -> int:
 
 def cmd_models(args) -> int:
     from keel import list_models
-    from keel.models.stats import model_stats
+    from keel.models.stats import cached_stats
 
     names = list_models(args.filter)
     if not names:
         raise ValueError(f"no model name contains '{args.filter}'; `keel models` lists them all")
     print(f"{'name':<28} {'params (M)':>10} {'GMACs':>7} {'at px':>6}  {'feature strides':<16} channels")
     for name in names:
-        st = model_stats(name, num_classes=1000 if args.with_head else 0)
+        st = cached_stats(name, num_classes=1000 if args.with_head else 0)
         strides = ",".join(str(f["stride"]) for f in st["feature_info"])
         chans = ",".join(str(f["channels"]) for f in st["feature_info"])
         print(f"{name:<28} {st['params_m']:>10.2f} {st['gmacs']:>7.2f} {st['img_size']:>6}  {strides:<16} {chans}")

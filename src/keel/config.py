@@ -65,9 +65,9 @@ class MethodConfig:
     # mae / simmim
     mask_ratio: float | None = None     # mae 0.75, simmim 0.6
     mask_patch_size: int | None = None  # simmim mask unit in pixels (default: the backbone's stride 32)
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    decoder_dim: int | None = None      # mae decoder width (default: the encoder's, at most 512)
+    decoder_depth: int | None = None    # mae decoder blocks (default: scaled from the encoder, 1 to 8)
+    decoder_heads: int | None = None    # mae decoder heads (default: head width 32 or just above)
     norm_pix_loss: bool = True
 
 
@@ -101,7 +101,9 @@ class TrainConfig:
     momentum: float = 0.9           # sgd and lars
     schedule: str = "cosine"        # cosine (to min_lr) | step (x0.1 at each milestone)
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # step: fractions of training
-    warmup_epochs: float = 1.0      # linear warm-up from 0 (at most the whole run)
+    warmup_epochs: float = 1.0      # linear warm-up from 0 ...
+    warmup_max_fraction: float = 0.25   # ... over at most this fraction of the run (short runs are
+                                        # not all warm-up; the cap is printed when it applies)
     min_lr: float = 0.0
     layer_decay: float = 1.0        # layer-wise lr decay (BEiT/MAE): each block below the top gets this
                                     # factor less lr; heads and projectors keep the full lr; 1.0 = off
@@ -164,8 +166,10 @@ class BackboneConfig:
 @dataclass
 class FinetuneAugConfig:
     """Fine-tuning's views: a random resized crop and a flip per image, DeiT's extras optional."""
-    scale_min: float = 0.35         # the crop keeps this fraction of the image area at least
-    hflip: float = 0.5              # horizontal flip probability (0 for orientation-bearing images)
+    scale_min: float = 0.64         # the crop keeps this fraction of the image area at least; 0.64 is
+                                    # BiT-HyperRule's fine-tuning crop (resize 160, crop 128 = 64%)
+    hflip: float = 0.5              # horizontal flip probability; the default assumes photos (a mirrored
+                                    # image is the same class): 0 for digits, text, maps, charts
     randaugment: str = ""           # timm-style spec, e.g. rand-m9-mstd0.5-inc1 ("": off)
     reprob: float = 0.0             # random erasing probability per image
     mixup: float = 0.0              # Mixup's Beta alpha (0: off)

@@ -146,7 +146,7 @@ def test_corrupt_image_skipped_by_collate(images):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     path = _csv(images, "image,labels\na.png,cat\nbroken.png,dog\nb.png,dog;bird\nsub/c.png,bird\n")
     ds = LabeledCSV(path, img_size=8)
-    assert ds[1][0] is None
+    assert isinstance(ds[1][0], str) and "broken.png" not in ds[1][0]   # the reason, not the path
     batches = list(DataLoader(ds, batch_size=3, shuffle=False, collate_fn=collate_targets))
     skipped = torch.cat([b["skipped"] for b in batches])
     assert skipped.tolist() == [1]
@@ -159,7 +159,7 @@ def test_corrupt_image_skipped_by_collate(images):
     # a batch of only bad images keeps the label shape
     only_bad = collate_targets([ds[1]])
     assert only_bad["images"].shape[0] == 0 and only_bad["labels"].shape == (0, 3)
-    assert only_bad["skipped"].tolist() == [1]
+    assert only_bad["skipped"].tolist() == [1] and only_bad["reasons"] == [ds[1][0]]
 
 
 def test_collate_targets_matches_collate_skip_on_int_labels():
@@ -168,5 +168,6 @@ def test_collate_targets_matches_collate_skip_on_int_labels():
     batch[2] = (None, batch[2][1], batch[2][2])
     ours, theirs = collate_targets(batch), collate_skip(batch)
     assert ours.keys() == theirs.keys()
-    for key in ours:
+    assert ours["reasons"] == theirs["reasons"] == ["cannot decode"]
+    for key in ours.keys() - {"reasons"}:
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key])

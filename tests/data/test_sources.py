@@ -22,6 +22,7 @@ from keel.data.sources import (
     build_dataset,
     builtin_names,
     collate_skip,
+    labeled_splits,
     load_image,
 )
 
@@ -259,11 +260,13 @@ def test_load_image_raises_bad_image_error(odd_folder, name):
     assert not isinstance(info.value, DataError)
 
 
-def test_getitem_returns_none_for_bad_file(odd_folder):
+def test_getitem_returns_the_reason_for_a_bad_file(odd_folder):
     ds = ImageFolder(odd_folder, img_size=8)
     i = [os.path.basename(p) for p in ds.paths].index("truncated.png")
     image, label, index = ds[i]
-    assert image is None and label == -1 and index == i
+    with pytest.raises(BadImageError) as info:
+        load_image(odd_folder / "truncated.png")
+    assert image in str(info.value) and "truncated.png" not in image and label == -1 and index == i
 
 
 def test_decompression_bomb_is_bad_image(tmp_path, monkeypatch):
@@ -356,6 +359,7 @@ def test_error_fashion_mnist_missing(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "apt-get install dataset-fashion-mnist" in msg
     assert "/usr/share/datasets/fashion-mnist/" in msg and "\n" not in msg
+    assert "KEEL_FASHION_MNIST_DIR" in msg                     # the other way, said in the message
 
 
 # ----------------------------------------------------------------------------
@@ -410,6 +414,14 @@ def test_fake_fashion_mnist_parses(tmp_path, monkeypatch, gz):
 
     test = build_dataset("fashion-mnist", split="val", img_size=4)
     assert len(test) == 2 and test.labels.tolist() == [2, 5] and (test.images == 77).all()
+
+
+def test_a_folder_of_the_four_gz_files_is_fashion_mnist(tmp_path, monkeypatch):
+    images, labels = _write_fake_fashion(tmp_path, gz=True)
+    monkeypatch.setenv("KEEL_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))   # the folder alone is enough
+    train, test = labeled_splits(str(tmp_path), img_size=4)
+    assert train.labels.tolist() == labels.tolist() and torch.equal(train.images[:, 0], torch.from_numpy(images))
+    assert len(test) == 2 and train.classes[9] == "Ankle boot"
 
 
 def test_fake_fashion_mnist_bad_magic(tmp_path, monkeypatch):

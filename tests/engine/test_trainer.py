@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -180,9 +181,12 @@ def test_nan_on_first_step_without_checkpoint(make_cfg, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
-def test_too_few_images_for_a_batch(make_cfg, tmp_path):
-    with pytest.raises(TrainingError, match="less than one batch"):
-        fit(make_cfg("train.batch_size=512"), tmp_path / "run")
+def test_fewer_images_than_a_batch_train_with_the_largest_batch_the_data_allows(make_cfg, tmp_path, capsys):
+    result, _ = fit(make_cfg("train.batch_size=512", "train.max_steps=2"), tmp_path / "run", quiet=False)
+    assert "train.batch_size: 256 instead of 512, the data has 256 images" in capsys.readouterr().out
+    assert result["steps"] == 2
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["batch_size"] == 256                    # config.yaml records the batch used
 
 
 # ---------------------------------------------------------------- artifacts
@@ -254,7 +258,9 @@ def test_folder_with_bad_files(make_cfg, tmp_path, capsys):
     result = pretrain(cfg, run)
     assert result["steps"] == 2 and math.isfinite(result["loss"])
     assert result["skipped"] == 3
-    assert (run / "skipped.txt").read_text().splitlines() == bad
+    lines = [line.split("\t") for line in (run / "skipped.txt").read_text().splitlines()]
+    assert [path for path, _ in lines] == bad
+    assert all(why and "/" not in why for _, why in lines)       # one reason per file, e.g. "truncated"
     assert json.loads((run / "card.json").read_text())["data"]["skipped"] == 3
     out = capsys.readouterr().out
     assert "3 files skipped" in out

@@ -88,12 +88,14 @@ def test_chunked_equals_unchunked():
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_top5_is_100_with_fewer_than_5_classes():
+def test_no_top5_for_five_classes_or_fewer_and_a_warning_when_k_exceeds_the_bank():
     x, y = _blobs(100, 3, 8, 0.2, 10)
     q, qy = _blobs(40, 3, 8, 0.2, 11)
     res = knn_eval(x, y, q, qy, ks=(10,))
-    assert res["knn_top5@10"] == 100.0
-    assert res["knn_top1@10"] < 100.0
+    assert set(res) == {"knn_top1@10"} and res["knn_top1@10"] < 100.0
+    with pytest.warns(UserWarning, match="only 100 training features"):
+        big = knn_eval(x, y, q, qy, ks=(10, 500))
+    assert big["knn_top1@500"] == knn_eval(x, y, q, qy, ks=(100,))["knn_top1@100"]   # the whole bank
 
 
 def test_accuracy_topk_hand_case():

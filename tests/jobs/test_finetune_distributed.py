@@ -152,7 +152,16 @@ def test_two_processes_train_the_weights_of_one(runs):
         for name, ref in (("state", one["classifier"].state_dict()), ("ema", one["ema_classifier"].state_dict())):
             assert set(res[name]) == set(ref)
             for k, v in ref.items():
-                torch.testing.assert_close(res[name][k], v, atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
+                got, v = res[name][k].clone(), v.clone()
+                if k.endswith("attn.qkv.bias"):
+                    # the key bias has no true gradient (softmax ignores a shift shared by all keys):
+                    # AdamW normalizes its float noise, whose sign depends on the order of the sums,
+                    # into steps of up to the lr; compared to 8 steps x peak lr (2e-3 x 64/256), not bit-close
+                    dim = v.numel() // 3
+                    torch.testing.assert_close(got[dim:2 * dim], v[dim:2 * dim], atol=8 * 5e-4, rtol=0,
+                                               msg=f"{name} {k} (keys)")
+                    got[dim:2 * dim] = v[dim:2 * dim]
+                torch.testing.assert_close(got, v, atol=1e-5, rtol=1e-4, msg=f"{name} {k}")
     # the ranks hold one model, to the last bit (DDP's averaged gradients, the same optimizer)
     for k in results[0]["state"]:
         assert torch.equal(results[0]["state"][k], results[1]["state"][k]), k

@@ -156,3 +156,19 @@ def test_recipe_bit_chooses_from_the_data(capsys):
     assert t.epochs == math.ceil(500 * 512 / 1437) and t.milestones == pytest.approx([0.4, 0.6, 0.8])
     assert cfg.data.img_size == 16 and cfg.aug.mixup == 0.0
     assert "1437" in capsys.readouterr().out.replace(",", "")
+
+
+def test_bit_recipe_keeps_what_the_user_set_says_so_and_scales(capsys):
+    from keel.data.sources import labeled_splits
+    from keel.recipes.supervised import bit_recipe
+    train, _ = labeled_splits("digits", 8)
+    base = override(FinetuneConfig(), {"data.source": "digits", "recipe.name": "bit", "train.lr": 0.0015})
+    full = bit_recipe(base, train, progress=False)
+    assert full.train.epochs == math.ceil(500 * 512 / len(train))          # BiT's 500 steps of 512 images
+    tenth = bit_recipe(override(base, {"recipe.scale": 0.1}), train, progress=False)
+    assert tenth.train.epochs == math.ceil(50 * 512 / len(train)) and tenth.train.milestones == full.train.milestones
+    mine = bit_recipe(override(base, {"train.epochs": 2, "train.batch_size": 64, "data.img_size": 16}), train)
+    out = capsys.readouterr().out
+    assert (mine.train.epochs, mine.train.batch_size, mine.data.img_size) == (2, 64, 16)
+    assert "kept (set by you): train.epochs=2 (the rule's: 179), train.batch_size=64" in out
+    assert mine.train.optimizer == "sgd" and mine.train.milestones == full.train.milestones   # the rest is the rule's

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -180,10 +182,14 @@ def test_distillation_in_finetune_follows_the_teacher_on_the_students_mixed_batc
                 "distill.alpha": 1.0, "train.warmup_epochs": 0.0})
     res = finetune(student, train, test, cfg, teacher=teacher, run_dir=tmp_path / "spy", progress=False)
     clf = res["classifier"]
-    assert isinstance(clf.head, DistilledHead) and res["distill"] == {"kind": "hard", "teacher": "(a module)"}
-    assert len(teacher.calls) == res["steps"] == 4 * 4
-    # the teacher got the student's exact input (after Mixup/CutMix), in eval mode, without autograd
-    assert all(any(torch.equal(x, s) for s in seen) for x, _, _ in teacher.calls)
+    # the teacher is scored on the test split first (said and recorded): it always says 3
+    always_3 = 100.0 * (test.labels == 3).float().mean().item()
+    assert isinstance(clf.head, DistilledHead) and res["distill"]["kind"] == "hard"
+    assert res["distill"]["teacher"] == "(a module)" and res["distill"]["teacher_top1"] == pytest.approx(always_3)
+    n_eval = math.ceil(len(test) / 256)
+    assert len(teacher.calls) == n_eval + res["steps"] and res["steps"] == 4 * 4
+    # then in training it got the student's exact input (after Mixup/CutMix), in eval mode, without autograd
+    assert all(any(torch.equal(x, s) for s in seen) for x, _, _ in teacher.calls[n_eval:])
     assert all(not training and not grad for _, training, grad in teacher.calls)
     from keel.evaluate.frozen import make_eval_transform
     clf.eval()                      # finetune returns its classifier as training left it (train mode)
@@ -215,7 +221,10 @@ def test_finetune_with_the_deit_recipe_and_a_run_dir_teacher_logs_distill_loss(d
     assert [r["epoch"] for r in lines if "top1" in r] == [1, 2]
     assert [r["epoch"] for r in lines if "ema_top1" in r] == [1, 2]
     saved = json.loads((tmp_path / "student" / "result.json").read_text())
-    assert saved["recipe"] == "deit" and saved["distill"] == {"kind": "soft", "teacher": str(teacher_run[0])}
+    assert saved["recipe"] == "deit" and saved["distill"]["kind"] == "soft"
+    assert saved["distill"]["teacher"] == str(teacher_run[0])
+    # the teacher's score on the test split is its own run's final one (the same weights, the same images)
+    assert saved["distill"]["teacher_top1"] == pytest.approx(teacher_run[1]["final"]["top1"])
     assert saved["best_ema"]["epoch"] in (1, 2)
     assert "distill_loss" not in saved["final"] and "ema_top1" in saved["final"]
     used = load_config(tmp_path / "student" / "config.yaml", cls=FinetuneConfig)

@@ -1,7 +1,7 @@
 """Batches of a dataset on the device, from lists of indices: the one place data is loaded.
 
 Built-in datasets live in memory (``.images``, ``.labels``) and are indexed directly; image folders
-and label files are decoded by DataLoader workers. Undecodable files are reported to ``skipped``
+and label files are decoded by DataLoader workers. Undecodable files are reported to ``skipped`` (index -> reason)
 and either dropped (a batch can then come out smaller, or empty) or, with ``refill``, replaced by
 the batch's decodable images, so that every batch keeps its size: processes under torchrun step
 together and compiled graphs keep a static shape.
@@ -16,7 +16,7 @@ from keel.data.sources import DataError, collate_skip
 
 
 def load_batches(ds, index_batches: Iterable[torch.Tensor], device: torch.device, num_workers: int = 2,
-                 refill: bool = False, skipped: set[int] | None = None,
+                 refill: bool = False, skipped: dict[int, str] | None = None,
                  resident: dict[str, torch.Tensor] | None = None, index: bool = False) -> Iterator[dict]:
     """``{"images": uint8 (B, 3, H, W), "labels": ... (when the data has labels)}`` on ``device``
     for each tensor of indices, in order. ``resident``: the in-memory dataset's tensors to index
@@ -41,7 +41,7 @@ def load_batches(ds, index_batches: Iterable[torch.Tensor], device: torch.device
         persistent_workers=False)
     for idx, batch in zip(index_batches, loader):
         if skipped is not None:
-            skipped.update(batch["skipped"].tolist())
+            skipped.update(zip(batch["skipped"].tolist(), batch.get("reasons") or ["cannot decode"] * len(batch["skipped"])))
         images, labels, rows = batch["images"], batch.get("labels"), batch.get("index")
         if refill and len(images) < len(idx):
             if len(images) == 0:

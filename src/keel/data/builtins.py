@@ -79,7 +79,8 @@ FASHION_MNIST_CLASSES = [
 ]
 _FASHION_INSTALL = (
     "fashion-mnist is not installed: run `sudo apt-get install dataset-fashion-mnist` "
-    "(Debian/Ubuntu), which puts it in /usr/share/datasets/fashion-mnist/"
+    "(Debian/Ubuntu), which puts it in /usr/share/datasets/fashion-mnist/, or point "
+    "KEEL_FASHION_MNIST_DIR (or data.source) at a folder holding its four IDX files (.gz or not)"
 )
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -136,8 +137,14 @@ def _find_idx(directory: str, stem: str) -> str | None:
     return None
 
 
-def _fashion_paths(split: str) -> tuple[str, str]:
-    directory = _fashion_dir()
+def is_fashion_dir(directory: str) -> bool:
+    """A folder holding Fashion-MNIST's four IDX files (what its download gives), read as the
+    built-in data set rather than as a folder of images."""
+    return all(_find_idx(directory, stem) for pair in _FASHION_FILES.values() for stem in pair)
+
+
+def _fashion_paths(split: str, directory: str | None = None) -> tuple[str, str]:
+    directory = directory or _fashion_dir()
     found = []
     for stem in _FASHION_FILES[split]:
         path = _find_idx(directory, stem)
@@ -176,7 +183,7 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _fashion_gray(directory: str, split: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images_path, labels_path = _fashion_paths(split)
+    images_path, labels_path = _fashion_paths(split, directory)
     images = _read_idx(images_path, 3)
     labels = _read_idx(labels_path, 1)
     if images.shape[0] != labels.shape[0]:
@@ -190,9 +197,10 @@ def _fashion_gray(directory: str, split: str, img_size: int) -> tuple[torch.Tens
     return gray, torch.from_numpy(labels.astype(np.int64))
 
 
-def _load_fashion(split: str, img_size: int) -> InMemoryImages:
-    _fashion_paths(split)  # fail fast with the install hint (not cached)
-    gray, labels = _fashion_gray(_fashion_dir(), split, img_size)
+def _load_fashion(split: str, img_size: int, directory: str | None = None) -> InMemoryImages:
+    directory = directory or _fashion_dir()
+    _fashion_paths(split, directory)  # fail fast with the install hint (not cached)
+    gray, labels = _fashion_gray(directory, split, img_size)
     return InMemoryImages(_to_three_channels(gray), labels.clone(), FASHION_MNIST_CLASSES, "fashion-mnist")
 
 

@@ -127,3 +127,18 @@ def _resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     arr = np.array(im, dtype=np.uint8, copy=True)  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def count_decodable(paths, limit: int = 5000) -> int | None:
+    """How many of ``paths`` decode, for a run's header; None past ``limit`` files (decoding a
+    large folder twice is not worth a number the run's end reports anyway)."""
+    if len(paths) > limit:
+        return None
+    good = 0
+    for path in paths:
+        try:
+            load_image(path)
+            good += 1
+        except BadImageError:
+            pass
+    return good

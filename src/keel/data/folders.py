@@ -172,8 +172,8 @@ class ImageFolder(Dataset):
         label = int(self.labels[i])
         try:
             im = load_image(self.paths[i])
-        except BadImageError:
-            return None, label, int(i)
+        except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
+            return _reason(e, self.paths[i]), label, int(i)
         im = _resize_center_crop(im, self.img_size)
         return _pil_to_tensor(im), label, int(i)
 
@@ -193,19 +193,27 @@ class ImageFolder(Dataset):
         )
 
 
+def _reason(e: BadImageError, path: str) -> str:
+    """Why a file was skipped, in one line without its path (skipped.txt puts the path first)."""
+    detail = str(e).split("': ", 1)[-1].replace(f" '{path}'", "").replace(str(path), "").strip()
+    return detail or "cannot decode"
+
+
 def collate_skip(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tensor]:
-    """Collate ``(image, label, index)`` items, dropping those whose image is None (their indices
-    go to ``"skipped"``). Labels are ints (-> ``(B,)`` int64) or tensors of one shape (multi-hot,
+    """Collate ``(image, label, index)`` items, dropping those whose image is None or, from a
+    dataset that says why, a string (their indices go to ``"skipped"``, the reasons to
+    ``"reasons"``). Labels are ints (-> ``(B,)`` int64) or tensors of one shape (multi-hot,
     (primary, secondary) pairs), stacked; an all-bad batch keeps the label shape with 0 rows."""
-    good = [item for item in batch if item[0] is not None]
-    skipped = torch.tensor([int(item[2]) for item in batch if item[0] is None], dtype=torch.int64)
+    good = [item for item in batch if isinstance(item[0], torch.Tensor)]
+    bad = [item for item in batch if not isinstance(item[0], torch.Tensor)]
+    skipped = torch.tensor([int(item[2]) for item in bad], dtype=torch.int64)
     if good:
         images = torch.stack([item[0] for item in good])
     else:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
     as_tensor = [torch.as_tensor(item[1]) for item in batch]
     if good:
-        labels = torch.stack([t for t, item in zip(as_tensor, batch) if item[0] is not None])
+        labels = torch.stack([t for t, item in zip(as_tensor, batch) if isinstance(item[0], torch.Tensor)])
     elif as_tensor:
         labels = as_tensor[0].new_empty((0, *as_tensor[0].shape))
     else:
@@ -215,4 +223,5 @@ def collate_skip(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tenso
         "labels": labels,
         "index": torch.tensor([int(item[2]) for item in good], dtype=torch.int64),
         "skipped": skipped,
+        "reasons": [item[0] if isinstance(item[0], str) else "cannot decode" for item in bad],
     }

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from keel.data.folders import _reason
 from keel.data.sources import (
     BadImageError,
     DataError,
@@ -242,8 +243,8 @@ class LabeledCSV(Dataset):
         target = self.labels[i]
         try:
             im = load_image(self.paths[i])
-        except BadImageError:
-            return None, target, int(i)
+        except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
+            return _reason(e, self.paths[i]), target, int(i)
         im = _resize_center_crop(im, self.img_size)
         return _pil_to_tensor(im), target, int(i)
 

@@ -32,6 +32,8 @@ from keel.data.builtins import (  # noqa: F401  (re-exported)
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
     InMemoryImages,
+    _load_fashion,
+    is_fashion_dir,
 )
 from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image  # noqa: F401
 from keel.data.errors import BadImageError, DataError, _check_img_size  # noqa: F401
@@ -140,6 +142,8 @@ def build_dataset(
     if source in _BUILTINS:
         # Built-ins always carry their true labels; ``labeled`` only matters for folders.
         dataset: InMemoryImages | ImageFolder = _BUILTINS[source](split, int(img_size))
+    elif os.path.isdir(os.path.expanduser(source)) and is_fashion_dir(os.path.expanduser(source)):
+        dataset = _load_fashion(split, int(img_size), os.path.expanduser(source))
     elif os.path.exists(os.path.expanduser(source)):
         dataset = _build_folder(os.path.expanduser(source), split, int(img_size), labeled)
     else:

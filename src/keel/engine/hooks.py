@@ -137,7 +137,14 @@ class KnnMonitor(Hook):
         self.k, self.t, self.subset, self.batch_size = k, t, subset, batch_size
 
     def describe(self) -> str:
-        return f"kNN top-1 (k={self.k}, t={self.t:g}, bank: ≤{self.subset} train images, scored on ≤{self.subset} test images)"
+        n_train, n_test = (min(len(d), self.subset) if self.subset else len(d) for d in self.splits)
+        return (f"kNN top-1, k={self.k}, t={self.t:g}: a bank of {n_train} training images, "
+                f"scored on {n_test} test images")
+
+    def before_train(self, trainer) -> None:
+        trainer.history["knn_about"] = self.describe()     # the curve's title says what was measured
+        if trainer.is_main and not trainer.quiet:
+            print(f"monitor: {self.describe()}, every {self.every} epoch{'s' if self.every > 1 else ''}")
 
     def after_epoch(self, trainer) -> None:
         if not self.every or trainer.epoch % self.every:
@@ -146,7 +153,9 @@ class KnnMonitor(Hook):
             acc = knn_monitor(trainer.task.export_backbone(), self.splits, self.img_size, self.k, self.t,
                               self.subset, self.batch_size, trainer.device, trainer.amp_dtype)
             trainer.history["knn"].append([trainer.epoch, acc])
-            trainer.log({"step": trainer.step, "epoch": trainer.epoch, "knn_top1": acc}, prefix="monitor")
+            trainer.log({"step": trainer.step, "epoch": trainer.epoch, "knn_top1": acc, "knn_k": self.k,
+                         "knn_bank": min(len(self.splits[0]), self.subset or len(self.splits[0]))}, prefix="monitor")
             if not trainer.quiet:
-                tqdm.write(f"epoch {trainer.epoch}: kNN top-1 {acc:.2f}% (k={self.k})")
+                tqdm.write(f"epoch {trainer.epoch}: kNN top-1 {acc:.2f}% (k={self.k}, "
+                           f"bank of {min(len(self.splits[0]), self.subset or len(self.splits[0]))})")
         D.barrier()

@@ -53,7 +53,7 @@ class Trainer:
             p = "bf16" if self.device.type == "cuda" else "fp32"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp32": None}[p]
         self.history: dict[str, list] = {"loss": [], "knn": [], "eval": []}
-        self.skipped: set[int] = set()
+        self.skipped: dict[int, str] = {}     # dataset index -> why the file was skipped
         self.step = self.epoch = 0
         self.metrics_file = self.writer = None
 
@@ -102,11 +102,23 @@ class Trainer:
             raise TrainingError(f"train.batch_size {tc.batch_size} cannot be shared by {world} processes")
         if tc.drop_last and tc.batch_size % world:
             raise TrainingError(f"train.batch_size {tc.batch_size} is not divisible by {world} processes")
+        if len(data) < tc.batch_size and not self.resume:
+            # a small folder: the largest batch the data allows (recorded in config.yaml), not a stop
+            fit = len(data) // world * world
+            if fit == 0:
+                raise TrainingError(f"{len(data)} images cannot be shared by {world} processes")
+            if self.is_main and not self.quiet:
+                print(f"train.batch_size: {fit} instead of {tc.batch_size}, the data has {len(data)} images")
+            tc.batch_size = fit
         spe = self.steps_per_epoch(len(data))
-        if spe == 0:
-            raise TrainingError(f"{len(data)} images is less than one batch of {tc.batch_size}: lower train.batch_size")
         total_steps = tc.epochs * spe
-        warmup_steps = min(total_steps, round(tc.warmup_epochs * spe))
+        warmup_steps = round(tc.warmup_epochs * spe)
+        if warmup_steps > tc.warmup_max_fraction * total_steps:
+            capped = int(tc.warmup_max_fraction * total_steps)
+            if self.is_main and not self.quiet:
+                print(f"warm-up: {capped} steps ({capped / spe:.2g} epochs) instead of train.warmup_epochs="
+                      f"{tc.warmup_epochs:g}, at most train.warmup_max_fraction={tc.warmup_max_fraction:g} of the run")
+            warmup_steps = capped
         lr = tc.lr * tc.batch_size / 256
         self.steps_per_epoch_, self.total_steps = spe, total_steps
         torch.manual_seed(tc.seed)  # heads built before fit() were seeded by the caller
@@ -295,7 +307,7 @@ class Trainer:
         if not self.writes:
             return
         state = {"method": task.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "history": self.history, "config": to_dict(self.cfg), "skipped": sorted(self.skipped),
+                 "history": self.history, "config": to_dict(self.cfg), "skipped": sorted(self.skipped.items()),
                  "world_size": self.dist.world_size,
                  "hooks": {_hook_key(i, h): h.state_dict() for i, h in enumerate(self.hooks)}}
         save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
@@ -328,7 +340,9 @@ class Trainer:
         task.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         self.history = {"loss": [], "knn": [], "eval": [], **state["history"]}
-        self.skipped = set(state.get("skipped", []))
+        # [index, reason] pairs (keel 0.1's checkpoints hold the indices alone)
+        self.skipped = {int(k[0]): k[1] for k in state.get("skipped", []) if isinstance(k, (list, tuple))} or \
+            {int(k): "cannot decode" for k in state.get("skipped", []) if not isinstance(k, (list, tuple))}
         self.step = state["step"]
         self.epoch = self.step // spe
         self._truncate_metrics(self.step)
@@ -354,7 +368,7 @@ class Trainer:
 
     def _finish(self, data) -> None:
         if self.skipped and getattr(data, "paths", None) is not None:
-            (self.run_dir / "skipped.txt").write_text("".join(data.paths[i] + "\n" for i in sorted(self.skipped)))
+            (self.run_dir / "skipped.txt").write_text("".join(f"{data.paths[i]}\t{why}\n" for i, why in sorted(self.skipped.items())))
         plot_run(self.history, self.run_dir / "curves.png", main_metric=self.task.main_metric)
         if not self.quiet and getattr(data, "paths", None) is not None:
             print(f"{len(self.skipped)} files skipped" + (f" (list in {self.run_dir / 'skipped.txt'})" if self.skipped else ""))

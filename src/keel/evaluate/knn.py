@@ -8,6 +8,8 @@ items, and every neighbour votes for its class with weight ``exp(s / T)``.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Iterable
 
 import torch
@@ -86,9 +88,10 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
     """Top-1 / top-5 accuracy (percent) of :func:`knn_predict` for every k in ``ks``.
 
     Returns ``{"knn_top1@20": ..., "knn_top5@20": ..., "knn_top1@200": ..., ...}``.
-    Top-5 counts the true label among the five highest class scores (100.0
-    when there are fewer than five classes); ties follow ``torch.topk``.  One
-    similarity search with the largest k serves every k.
+    Top-5 counts the true label among the five highest class scores; it is left out for tasks of
+    five classes or fewer, where it says nothing. Ties follow ``torch.topk``. One similarity
+    search with the largest k serves every k; a k larger than the memory bank (the training
+    features) uses the whole bank, with a warning.
     """
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1 or temperature <= 0:
@@ -100,6 +103,9 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
     train, labels = _prepare(train_feats, train_labels, test_feats, num_classes)
     n_test = test_feats.shape[0]
     clamped = {k: min(k, train.shape[0]) for k in ks}
+    if any(c < k for k, c in clamped.items()):
+        warnings.warn(f"kNN with k={max(ks)} but only {train.shape[0]} training features in the bank: "
+                      f"k={train.shape[0]} is used", stacklevel=2)
     hits = {k: {1: 0, 5: 0} for k in ks}
     for start in range(0, n_test, chunk_size):
         scores = _chunk_scores(train, labels, test_feats[start:start + chunk_size], num_classes,
@@ -111,6 +117,6 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test
             hits[k][5] += h[5]
     result = {}
     for k in ks:
-        for top in (1, 5):
+        for top in (1, 5) if num_classes > 5 else (1,):
             result[f"knn_top{top}@{k}"] = 100.0 * hits[k][top] / n_test if n_test else float("nan")
     return result

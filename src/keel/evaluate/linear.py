@@ -181,7 +181,8 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     Each epoch is a fresh permutation drawn from ``torch.Generator().manual_seed(seed)``,
     so the result is a deterministic function of the inputs and ``seed``.
 
-    Returns ``{"linear_top1", "linear_top5", "linear_train_top1"}`` in percent.
+    Returns ``{"linear_top1", "linear_top5", "linear_train_top1"}`` in percent (no top-5 for tasks
+    of five classes or fewer).
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
@@ -213,4 +214,7 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     model.eval()
     test = _evaluate(model, x_te, y_te, ks=(1, 5))
     train = _evaluate(model, x_tr, y_tr, ks=(1,))
-    return {"linear_top1": test[1], "linear_top5": test[5], "linear_train_top1": train[1]}
+    out = {"linear_top1": test[1], "linear_top5": test[5], "linear_train_top1": train[1]}
+    if num_classes <= 5:
+        del out["linear_top5"]
+    return out

@@ -161,8 +161,12 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=N
     if cfg.train.model_ema > 0:
         ema = EMAHook(st.model, cfg.train.model_ema)
         hooks += [ema, EvalHook(test_ds, cfg.train.eval_every, model=lambda: ema.ema, prefix="ema_")]
+    teacher_metrics = None
+    if teacher is not None:   # how good the teacher is on this test split: said and recorded
+        teacher_metrics = st.objective.metrics(*st.predict(test_ds, trainer.device, trainer.autocast,
+                                                           teacher.to(trainer.device)))
     if progress and trainer.is_main:
-        _header(cfg, backbone, train_ds, test_ds, objective, trainer, teacher)
+        _header(cfg, backbone, train_ds, test_ds, objective, trainer, teacher, teacher_metrics)
     try:
         res = trainer.fit(st, train_ds, hooks)
     finally:
@@ -179,7 +183,8 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=N
     if cfg.recipe.name:
         result["recipe"] = cfg.recipe.name
     if teacher is not None:
-        result["distill"] = {"kind": d.kind, "teacher": d.teacher or "(a module)"}
+        result["distill"] = {"kind": d.kind, "teacher": d.teacher or "(a module)",
+                             **{f"teacher_{k}": float(v) for k, v in teacher_metrics.items()}}
     if ema is not None:
         result["best_ema"] = hooks[2].best
     if writes:
@@ -196,7 +201,7 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=N
     return out
 
 
-def _header(cfg, backbone, train_ds, test_ds, objective, trainer, teacher) -> None:
+def _header(cfg, backbone, train_ds, test_ds, objective, trainer, teacher, teacher_metrics) -> None:
     n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
     classes = getattr(objective, "num_classes", "?")
     print(f"finetune ({cfg.task.mode}) · {cfg.model.backbone or type(backbone).__name__} ({n_params:.1f}M) · "
@@ -205,7 +210,9 @@ def _header(cfg, backbone, train_ds, test_ds, objective, trainer, teacher) -> No
           f"{cfg.train.epochs} epochs · {trainer.device} × {trainer.dist.world_size}"
           + (f" → {trainer.run_dir}" if trainer.run_dir is not None else ""))
     if teacher is not None:
-        print(f"distilling ({cfg.distill.kind}) from {cfg.distill.teacher or type(teacher).__name__}")
+        key = objective.main_metric
+        print(f"distilling ({cfg.distill.kind}, alpha {cfg.distill.alpha:g}) from "
+              f"{cfg.distill.teacher or type(teacher).__name__}: {key} {teacher_metrics[key]:.2f} on the test split")
 
 
 def default_run_dir(cfg: FinetuneConfig) -> Path:
@@ -298,12 +305,13 @@ def _prepared(cfg: FinetuneConfig) -> FinetuneConfig:
 
 
 def _run(cfg: FinetuneConfig, run_dir, progress: bool, resume: bool) -> dict:
-    if cfg.data.img_size <= 0:
+    size_given = cfg.data.img_size > 0
+    if not size_given:
         cfg = override(cfg, {"data.img_size": hub.default_img_size(cfg.model.backbone)})
     train_ds, test_ds, objective = labeled_data(cfg)
     if cfg.recipe.name == "bit":
         size = cfg.data.img_size
-        cfg = bit_recipe(cfg, train_ds, progress)
+        cfg = bit_recipe(cfg, train_ds, progress, size_given=size_given)
         if objective is not None and cfg.aug.mixup > 0:
             if progress:
                 print(f"  mixup {cfg.aug.mixup:g} left out: MixUp is for single-label classification")

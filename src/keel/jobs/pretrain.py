@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from keel.config import ConfigError, RunConfig, override, save_config, to_dict
+from keel.data.decode import count_decodable
 from keel.data.sources import DataError, build_dataset, labeled_splits
 from keel.engine import distributed as D
 from keel.engine.checkpoint import export_backbone
@@ -38,6 +39,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
     """Run ``cfg`` (every stage of it, if it has ``stages``); returns the last stage's result."""
     run_dir = Path(run_dir or default_run_dir(cfg))
     stages = stage_configs(cfg)
+    for scfg in stages:                 # a model/size pair that cannot work fails before any file is made
+        check_model(scfg)
     if not cfg.stages:
         return _train(cfg, run_dir, resume, quiet)
     if resume and not (run_dir / "config.yaml").is_file():
@@ -59,6 +62,19 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
         prev = sdir
     export_final(run_dir, prev, results)
     return dict(results[-1], run_dir=str(run_dir), stages=results)
+
+
+def check_model(cfg: RunConfig) -> None:
+    """Build the backbone on the meta device (no memory, no weights) and run one image of
+    ``data.img_size`` through it: a model/size pair that cannot work is a one-line error now."""
+    check_pooling(cfg)
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model.name, **model_kwargs(cfg))
+            model.eval().embed(torch.empty(2, 3, cfg.data.img_size, cfg.data.img_size))
+    except (ValueError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"model.name={cfg.model.name} at data.img_size={cfg.data.img_size}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def check_pooling(cfg: RunConfig) -> None:
@@ -90,6 +106,14 @@ def export_run(cfg: RunConfig, method, n_images: int, result: dict, steps_per_ep
     export_backbone(backbone, run_dir, card)
 
 
+def _count(data) -> str:
+    """'1797 images', or for files '13 files, 6 decodable' (the others are skipped and listed)."""
+    if getattr(data, "paths", None) is None:
+        return f"{len(data)} images"
+    good = count_decodable(data.paths)
+    return f"{len(data)} files" + (f", {good} decodable" if good is not None else "")
+
+
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     check_pooling(cfg)
@@ -106,7 +130,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: 
     trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
     if not quiet and trainer.dist.is_main:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
-        print(f"{cfg.method.name} · {cfg.model.name} ({n_params:.1f}M) · {cfg.data.source}: {len(data)} images"
+        print(f"{cfg.method.name} · {cfg.model.name} ({n_params:.1f}M) · {cfg.data.source}: {_count(data)}"
               f" · {cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''} · batch {cfg.train.batch_size} · {trainer.device}"
               f" × {trainer.dist.world_size} → {trainer.run_dir}")
     ema = EMAHook(method.export_backbone(), cfg.train.model_ema) if cfg.train.model_ema > 0 else None

@@ -115,6 +115,10 @@ class ResNetV2(nn.Module):
         self.num_features = cin
         self.head = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
         self._init_weights()
+        if cfg.cpu_channels_last:
+            # the weights in the layout of the NHWC activations, so that their gradients come out
+            # in the parameters' own strides (DDP's buckets follow them)
+            self.to(memory_format=torch.channels_last)
 
     def _init_weights(self):
         # timm's BiT init (no zero-init of the last conv: a zero filter has no variance to

@@ -300,6 +300,10 @@ class VisionTransformer(nn.Module):
 
 
 def _check(cfg: ViTConfig) -> None:
+    if cfg.img_size % cfg.patch_size:
+        lo = cfg.img_size // cfg.patch_size * cfg.patch_size
+        raise ValueError(f"img_size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}: "
+                         f"use {lo or cfg.patch_size} or {lo + cfg.patch_size}")
     if cfg.global_pool not in POOLS:
         raise ValueError(f"global_pool must be 'token' or 'avg', not {cfg.global_pool!r}")
     if cfg.global_pool == "token" and not cfg.class_token:

@@ -36,7 +36,6 @@ from keel.evaluate.frozen import make_eval_transform
 from keel.evaluate.linear import accuracy_topk
 from keel.models.classifier import Classifier, DistilledHead
 from keel.models.layers.drop import DropPath
-from keel.models.layers.init import trunc_normal_
 from keel.tasks.base import StepRNG, Task
 from keel.tasks.distill import distillation_loss
 
@@ -58,9 +57,12 @@ class ClassificationTask:
         self.label_smoothing = float(label_smoothing)
 
     def head(self, num_features: int) -> nn.Module:
+        # timm's fine-tuning head (reset_classifier: a fresh nn.Linear), weights U(+-1/sqrt(features)),
+        # bias zero. Not MAE's near-zero init (std 2e-5): AdamW moves a weight by at most about lr per
+        # step, so a head starting at ~0 needs ~1/(sqrt(features) * lr) steps (~180 at 512 features and
+        # lr 2.5e-4) before its logits mean anything; meanwhile the loss stays flat and short runs
+        # end at chance (benchmarks/finetune_defaults.py).
         head = nn.Linear(num_features, self.num_classes)
-        # MAE's head init: nearly zero, so the first steps do not send random gradients into the backbone
-        trunc_normal_(head.weight, std=2e-5)
         nn.init.zeros_(head.bias)
         return head
 
@@ -68,6 +70,8 @@ class ClassificationTask:
         return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        if self.num_classes <= 5:          # top-5 of five classes or fewer is always 100
+            return {"top1": accuracy_topk(outputs, targets, (1,))[1]}
         acc = accuracy_topk(outputs, targets, (1, 5))
         return {"top1": acc[1], "top5": acc[5]}
 

@@ -1,6 +1,7 @@
 """Numbers over time and side by side: a run's training curves, a comparison of backbones."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from keel.viz import plt
@@ -12,7 +13,7 @@ def plot_run(history: dict, path: str | Path, title: str = "", main_metric: str 
     panels = []
     if history.get("knn"):
         epochs, accs = zip(*history["knn"])
-        panels.append(("kNN monitor", "kNN top-1 (%)", [("kNN", epochs, accs, "tab:green")]))
+        panels.append((history.get("knn_about", "kNN monitor"), "kNN top-1 (%)", [("kNN", epochs, accs, "tab:green")]))
     if main_metric:
         lines = []
         for key, color in ((main_metric, "tab:green"), (f"ema_{main_metric}", "tab:orange")):
@@ -31,7 +32,8 @@ def plot_run(history: dict, path: str | Path, title: str = "", main_metric: str 
     for ax, (name, ylabel, lines) in zip(axes[0][1:], panels):
         for label, xs, ys, color in lines:
             ax.plot(xs, ys, marker="o", color=color, label=label)
-        ax.set(xlabel="epoch", ylabel=ylabel, title=name)
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set_title(textwrap.fill(name, 48), fontsize=9 if len(name) > 40 else None)
         if len(lines) > 1:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -168,6 +168,98 @@ def test_mae_rejects_other_backbones_clearly():
         MAE(_vit(), _cfg(mask_ratio=1.0))
 
 
+# ---------------------------------------------------------------- the decoder's default size
+def _rule(enc_dim: int, enc_depth: int, dim: int | None = None) -> tuple[int, int, int]:
+    """The rule, written out: width = the encoder's, at most 512 (a multiple of 4); blocks = the
+    per-token compute (blocks x width^2) of MAE's ViT-B pairing (8 x 512 over 12 x 768) scaled to
+    this encoder, rounded, between 1 and 8; heads = the most that divide the width into heads of
+    at least 32 channels."""
+    if dim is None:
+        dim = min(enc_dim, 512) // 4 * 4
+    ratio = (8 * 512 * 512) / (12 * 768 * 768)
+    depth = min(8, max(1, round(ratio * enc_depth * enc_dim * enc_dim / (dim * dim))))
+    heads = max(h for h in range(1, dim + 1) if dim % h == 0 and dim / h >= 32) if dim >= 32 else 1
+    return dim, depth, heads
+
+
+def _decoder_shape(m: MAE) -> tuple[int, int, int]:
+    """(width, blocks, heads) of the decoder the method built, read off its modules."""
+    dec = m.decoder
+    dim = dec.embed.out_features
+    assert dec.mask_token.shape[-1] == dim and all(blk.attn.qkv.weight.shape == (3 * dim, dim) for blk in dec.blocks)
+    heads = {blk.attn.num_heads for blk in dec.blocks}
+    assert len(heads) == 1
+    return dim, len(dec.blocks), heads.pop()
+
+
+def test_default_decoder_scales_with_the_encoder():
+    cfg = RunConfig()
+    cfg.method.name = "mae"
+    assert (cfg.method.decoder_dim, cfg.method.decoder_depth, cfg.method.decoder_heads) == (None, None, None)
+    torch.manual_seed(0)
+    vit = keel.create_model("vit_tiny_patch4_32")
+    enc_dim, enc_depth = vit.num_features, len(vit.blocks)
+    assert (enc_dim, enc_depth) == (192, 6)
+    m = MAE(vit, cfg)
+    expected = _rule(enc_dim, enc_depth)
+    assert _decoder_shape(m) == expected == (192, 2, 6)
+    assert {k: m.used[k] for k in ("decoder_dim", "decoder_depth", "decoder_heads")} == \
+        dict(zip(("decoder_dim", "decoder_depth", "decoder_heads"), expected))
+    # far smaller than the old fixed 8 x 512 decoder (25.3M parameters on this encoder)
+    assert sum(p.numel() for p in m.decoder.parameters()) < sum(p.numel() for p in vit.parameters()) / 2
+    # the rule on other encoders: MAE's own 8 x 512 with 16 heads for ViT-B, -L and -H
+    from keel.tasks.ssl.mae import default_decoder
+    for enc in [(768, 12), (1024, 24), (1280, 32)]:
+        assert default_decoder(*enc) == _rule(*enc) == (512, 8, 16)
+    for enc in [(384, 12), (192, 12), (48, 2), (100, 3), (24, 1)]:
+        assert default_decoder(*enc) == _rule(*enc), enc
+    # the tests' small ViT (48 wide, 2 blocks): one block of 48 with one head
+    assert _decoder_shape(MAE(_vit(), cfg)) == _rule(48, 2) == (48, 1, 1)
+
+
+@pytest.mark.parametrize("given", [dict(decoder_dim=96, decoder_depth=3, decoder_heads=4),
+                                   dict(decoder_dim=512, decoder_depth=8, decoder_heads=16),
+                                   dict(decoder_dim=64), dict(decoder_depth=5), dict(decoder_heads=3)])
+def test_explicit_decoder_values_win(given):
+    cfg = RunConfig()
+    for k, v in given.items():
+        setattr(cfg.method, k, v)
+    torch.manual_seed(0)
+    m = MAE(keel.create_model("vit_tiny_patch4_32"), cfg)
+    # the keys left None follow the rule, from the explicit width when there is one
+    dim, depth, heads = _rule(192, 6, given.get("decoder_dim"))
+    expected = (given.get("decoder_dim", dim), given.get("decoder_depth", depth), given.get("decoder_heads", heads))
+    assert _decoder_shape(m) == expected
+    assert (m.used["decoder_dim"], m.used["decoder_depth"], m.used["decoder_heads"]) == expected
+
+
+def test_decoder_width_must_divide_into_its_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        MAE(_vit(), _cfg(decoder_dim=40, decoder_heads=3))
+    with pytest.raises(ValueError, match="at least 1"):
+        MAE(_vit(), _cfg(decoder_heads=0))
+
+
+def test_config_yaml_records_the_resolved_decoder(make_cfg, tmp_path):
+    import yaml
+    from keel.jobs.pretrain import pretrain
+    args = ["method.name=mae", "model.name=vit_tiny_patch4_32", "data.img_size=16", "train.batch_size=16",
+            "data.subset=32", "train.max_steps=1", "train.knn_every=0"]
+    cfg = make_cfg(*args)
+    assert cfg.method.decoder_dim is None
+    pretrain(cfg, run_dir=tmp_path / "default", quiet=True)
+    saved = yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())["method"]
+    assert (saved["decoder_dim"], saved["decoder_depth"], saved["decoder_heads"]) == _rule(192, 6)
+    pretrain(make_cfg(*args, "method.decoder_depth=3"), run_dir=tmp_path / "depth3", quiet=True)
+    saved = yaml.safe_load((tmp_path / "depth3" / "config.yaml").read_text())["method"]
+    assert (saved["decoder_dim"], saved["decoder_depth"], saved["decoder_heads"]) == (192, 3, 6)
+    # a run from the saved config builds the same decoder
+    from keel.config import load_config
+    again = load_config(tmp_path / "depth3" / "config.yaml")
+    torch.manual_seed(0)
+    assert _decoder_shape(MAE(keel.create_model("vit_tiny_patch4_32", img_size=16), again)) == (192, 3, 6)
+
+
 # ---------------------------------------------------------------- the loss
 def _loss_by_hand(pred, x, mask, p, norm_pix):
     """Per hidden patch: mean over its p*p*3 values of (pred - target)^2, target = its pixels

@@ -18,6 +18,9 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, mean: float = 0.0, a: 
     seed gave other weights on another PyTorch. This sampler gives the same weights from the same
     seed on every supported release, and the same as timm's, lightly's and the official DINO and
     MAE code, so a keel run and a reference run of a seed start from the same weights."""
+    if tensor.is_meta:       # sizing a model (keel models): no values, and meta erfinv is slow
+        return tensor
+
     def cdf(x: float) -> float:
         return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
 

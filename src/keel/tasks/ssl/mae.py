@@ -8,6 +8,8 @@ visible ones with the ViT, and let a light Transformer decoder draw the pixels o
 - Decoder: Linear(encoder width -> ``decoder_dim``), a learned mask token for every hidden patch,
   fixed 2-D sine-cosine position embeddings (the paper's; prefix tokens get position zero),
   ``decoder_depth`` ViT blocks with ``decoder_heads`` heads, LayerNorm, Linear -> p*p*3 pixels.
+  Left None, the three scale with the encoder (:func:`default_decoder`): MAE's own 8 x 512 for
+  ViT-B/L/H, 2 x 192 with 6 heads for ``vit_tiny_patch4_32``; a value set in the config wins.
 - Loss: mean squared error on the hidden patches only. Target pixels are the view itself: the
   image in [0, 1] normalized with mean = std = 0.5 (the views' normalization; MAE uses ImageNet's
   statistics, which only matters without ``norm_pix_loss``). With ``method.norm_pix_loss`` (default)
@@ -107,6 +109,38 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * m).sum() / m.sum()
 
 
+# MAE's decoder (8 blocks of 512) over ViT-B's encoder (12 blocks of 768): the per-token compute
+# of the paper's smallest pairing, ~0.30 (ViT-L's is 0.083, the paper's "<10%")
+DECODER_COMPUTE_RATIO = (8 * 512 ** 2) / (12 * 768 ** 2)
+MAX_DECODER_DIM, MAX_DECODER_DEPTH, MIN_HEAD_DIM = 512, 8, 32
+
+
+def default_decoder_dim(enc_dim: int) -> int:
+    """The encoder's width, at most 512 (MAE: 512 is enough, wider is no better), rounded down to a
+    multiple of 4 (the sine-cosine table's need)."""
+    return max(4, min(enc_dim, MAX_DECODER_DIM) // 4 * 4)
+
+
+def default_decoder_depth(enc_dim: int, enc_depth: int, dim: int) -> int:
+    """Blocks of width ``dim`` whose per-token compute (blocks x width^2) is closest to
+    DECODER_COMPUTE_RATIO of the encoder's, between 1 and 8: 8 for ViT-B/L/H as MAE's code,
+    2 for a 6-block 192-wide ViT, 4 for ViT-S."""
+    blocks = round(DECODER_COMPUTE_RATIO * enc_depth * enc_dim ** 2 / dim ** 2)
+    return max(1, min(MAX_DECODER_DEPTH, blocks))
+
+
+def default_decoder_heads(dim: int) -> int:
+    """The most heads that divide ``dim`` with heads of at least 32 channels (MAE: 16 x 32 = 512);
+    one head below 64 channels."""
+    return max([h for h in range(1, dim // MIN_HEAD_DIM + 1) if dim % h == 0], default=1)
+
+
+def default_decoder(enc_dim: int, enc_depth: int) -> tuple[int, int, int]:
+    """(width, blocks, heads) of the decoder for an encoder of this width and depth."""
+    dim = default_decoder_dim(enc_dim)
+    return dim, default_decoder_depth(enc_dim, enc_depth, dim), default_decoder_heads(dim)
+
+
 class MAEDecoder(nn.Module):
     """Encoder tokens of the visible patches -> pixels of every patch, (B, N, p*p*3)."""
 
@@ -163,9 +197,16 @@ class MAE(Method):
             raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         self.norm_pix_loss = m.norm_pix_loss
         self.patch_size = backbone.cfg.patch_size
-        self.decoder = MAEDecoder(backbone.num_features, m.decoder_dim, m.decoder_depth, m.decoder_heads,
-                                  self.patch_size ** 2 * 3, backbone.num_prefix_tokens,
-                                  (backbone.grid, backbone.grid))
+        enc_dim, enc_depth = backbone.num_features, len(backbone.blocks)
+        # an explicit value wins; the others follow from the encoder and from it
+        dim = int(self.opt("decoder_dim", default_decoder_dim(enc_dim)))
+        depth = int(self.opt("decoder_depth", default_decoder_depth(enc_dim, enc_depth, dim)))
+        heads = int(self.opt("decoder_heads", default_decoder_heads(dim)))
+        if depth < 1 or heads < 1 or dim % 4 or dim % heads:
+            raise ValueError(f"MAE decoder: width {dim} must be divisible by 4 and by the heads ({heads}), "
+                             f"depth ({depth}) and heads at least 1")
+        self.decoder = MAEDecoder(enc_dim, dim, depth, heads, self.patch_size ** 2 * 3,
+                                  backbone.num_prefix_tokens, (backbone.grid, backbone.grid))
         self.augment = BatchAugment(replace(view_config(cfg), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
