@@ -20,8 +20,8 @@ from keel.evaluate.frozen import evaluate_frozen
 from keel.models.registry import create_model, model_kwargs
 from keel.viz.curves import plot_comparison, plot_run
 
-# Chosen so that the demo ends in about 2 minutes on 2 CPU cores (a small sweep of lr, epochs,
-# temperature and crop scale on digits; see README for the figures).
+# Chosen so that the demo ends in about a minute on 2 CPU cores (a small sweep of lr, epochs,
+# temperature and crop scale on digits; see BENCHMARKS.md for the figures).
 DEMO_DEFAULTS = {
     "data": {"source": "digits", "img_size": 16},
     "model": {"name": "resnet10_cifar"},
