@@ -182,3 +182,11 @@ def test_eval_suite_rejects_label_fractions_outside_0_1(value, tmp_path, monkeyp
     # and only the suite takes them
     assert main(["eval", "knn", "model.backbone=random:resnet10_cifar", "eval.label_fractions=[0.1]"]) == 2
     assert "eval.label_fractions is for `keel eval suite`" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`keel models | head -2`: the reader leaves early; keel stops quietly with status 0."""
+    proc = subprocess.run(f"{sys.executable} -m keel models | head -2", shell=True, capture_output=True,
+                          text=True, timeout=60, executable="/bin/bash")
+    assert proc.stdout.splitlines()[0].startswith("name") and len(proc.stdout.splitlines()) == 2
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

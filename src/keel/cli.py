@@ -362,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"keel {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `keel models | head`: the reader has gone; stop quietly (and let Python's exit flush nowhere)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint is kept; continue with --resume RUN_DIR", file=sys.stderr)
         return 130

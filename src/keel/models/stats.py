@@ -10,6 +10,7 @@ cores), so ``keel models`` reads the counts of the registered models at their de
 count by the tests; a model not in the table is counted on the spot."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -40,10 +41,14 @@ def model_stats(name: str, num_classes: int = 1000, img_size: int | None = None,
 TABLE = Path(__file__).with_name("stats_table.json")
 
 
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    return json.loads(TABLE.read_text()) if TABLE.is_file() else {}
+
+
 def cached_stats(name: str, num_classes: int) -> dict:
     """:func:`model_stats` at the model's defaults, from the table when it holds the model."""
-    table = json.loads(TABLE.read_text()) if TABLE.is_file() else {}
-    return table.get(f"{name}@{num_classes}") or model_stats(name, num_classes=num_classes)
+    return _table().get(f"{name}@{num_classes}") or model_stats(name, num_classes=num_classes)
 
 
 def write_table() -> None:
