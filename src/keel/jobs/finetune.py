@@ -287,12 +287,12 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
     if not cfg.model.backbone:
         raise ConfigError("model.backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     check(cfg)
-    created = not dist.is_initialized()
+    created = D.world_size() == 1          # no group yet: torchrun's is made here
     progress = progress and D.init_distributed(cfg.train.device).rank == 0
     try:
         return _run(cfg, run_dir, progress, resume)
     finally:
-        if created and dist.is_initialized():      # torchrun: leave the group this call joined
+        if created and D.world_size() > 1:      # leave the group this call joined
             dist.destroy_process_group()
 
 
