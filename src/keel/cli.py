@@ -229,12 +229,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _load_for_eval(spec: str, img_size: int | None):
-    """-> (backbone, img_size): keel.hub's one rule (the size the backbone was trained at)."""
-    from keel import hub
-    return hub.resolve_backbone(spec, img_size, arg="--checkpoint")
-
-
 def cmd_finetune(args) -> int:
     from keel.config import FinetuneConfig
     from keel.jobs.finetune import default_run_dir, run_finetune
@@ -281,7 +275,8 @@ def cmd_show(args) -> int:
 
     from keel.engine.checkpoint import read_card
 
-    backbone, size = _load_for_eval(spec, args.img_size)
+    from keel import hub
+    backbone, size = hub.resolve_backbone(spec, args.img_size, arg="--checkpoint")
     if spec.startswith(("random:", "timm:")):
         card, default_out, name = {}, Path("."), spec
     else:

@@ -136,8 +136,13 @@ class KnnMonitor(Hook):
         self.splits, self.every, self.img_size = splits, every, img_size
         self.k, self.t, self.subset, self.batch_size = k, t, subset, batch_size
 
-    def describe(self) -> str:
+    def sizes(self) -> tuple[int, int]:
+        """(images in the bank, test images scored): each split capped at ``subset``."""
         n_train, n_test = (min(len(d), self.subset) if self.subset else len(d) for d in self.splits)
+        return n_train, n_test
+
+    def describe(self) -> str:
+        n_train, n_test = self.sizes()
         return (f"kNN top-1, k={self.k}, t={self.t:g}: a bank of {n_train} training images, "
                 f"scored on {n_test} test images")
 
@@ -153,9 +158,9 @@ class KnnMonitor(Hook):
             acc = knn_monitor(trainer.task.export_backbone(), self.splits, self.img_size, self.k, self.t,
                               self.subset, self.batch_size, trainer.device, trainer.amp_dtype)
             trainer.history["knn"].append([trainer.epoch, acc])
+            bank = self.sizes()[0]
             trainer.log({"step": trainer.step, "epoch": trainer.epoch, "knn_top1": acc, "knn_k": self.k,
-                         "knn_bank": min(len(self.splits[0]), self.subset or len(self.splits[0]))}, prefix="monitor")
+                         "knn_bank": bank}, prefix="monitor")
             if not trainer.quiet:
-                tqdm.write(f"epoch {trainer.epoch}: kNN top-1 {acc:.2f}% (k={self.k}, "
-                           f"bank of {min(len(self.splits[0]), self.subset or len(self.splits[0]))})")
+                tqdm.write(f"epoch {trainer.epoch}: kNN top-1 {acc:.2f}% (k={self.k}, bank of {bank})")
         D.barrier()
