@@ -29,7 +29,10 @@ directory of ``keel pretrain method.name=simclr model.name=resnet10_cifar data.s
 train.epochs=5`` (``--simclr``; made once, seed 0).
 
 BEFORE is ``--before`` on today's code: it sets back what the fix changed (AdamW lr 5e-4 per 256,
-crop area 0.35-1, MAE's head init std 2e-5); AFTER is the defaults as they are. The warm-up cap
+batch 128, crop area 0.35-1, MAE's head init std 2e-5); AFTER is the defaults as they are (batch
+32, AdamW 4e-3 per 256, i.e. 5e-4 per step). ``first-fix`` in the results file is the first
+attempt, kept for the record: batch 128, lr 1e-3 per 256 (``--set train.batch_size=128
+train.lr=1e-3``). The warm-up cap
 (``train.warmup_max_fraction=0.25``) is in both.
 
 ``--set key=value`` overrides fine-tuning keys (the search of new defaults); ``--head-std`` replaces
@@ -178,6 +181,7 @@ def main() -> None:
     p.add_argument("--before", action="store_true", help="the defaults before the issue's fix: lr 5e-4 per 256, "
                    "crop area 0.35-1, head init std 2e-5 (the same computation as the old code)")
     p.add_argument("--no-probe", action="store_true", help="reuse the probe of an earlier label (it does not change)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     p.add_argument("--work", default="/tmp/fd")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--table", action="store_true")
@@ -187,10 +191,10 @@ def main() -> None:
     if a.table:
         print(table(load(out), a.compare))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     if a.before:
         a.head_std = 2e-5 if a.head_std is None else a.head_std
-        a.set = ["train.lr=5e-4", "aug.scale_min=0.35", *a.set]
+        a.set = ["train.lr=5e-4", "train.batch_size=128", "aug.scale_min=0.35", *a.set]
     set_head_init(a.head_std)
     extra = _flat(parse_overrides(a.set))
     specs = {"random": "random:resnet10_cifar", "simclr": a.simclr}

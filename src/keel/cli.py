@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from keel.cli_detect import add_parser as add_detect_parser
+from keel.cli_detect import cmd_detect
 from keel.cli_eval import add_parser as add_eval_parser
 from keel.cli_eval import cmd_eval
 from keel.config import ConfigError, EvalJobConfig, RunConfig, load_config
@@ -24,6 +26,7 @@ a 5-minute tour:
   keel show neighbors --checkpoint runs/<run> --data digits   # pictures: neighbors, attention, mae
   keel pretrain method.name=swav model.name=keel_tiny         # also mae simmim dino mocov3 byol simsiam rotation
   keel finetune model.backbone=runs/<run> data.source=digits  # fine-tune on labeled data
+  keel detect train model.backbone=runs/<run> data.source=boxes.csv   # object detection (ViTDet-style)
   keel eval suite model.backbone=[runs/<run>,random:resnet18_cifar] data.source=[digits,fashion-mnist]
   keel models                                  # the backbones you can pretrain
 
@@ -138,11 +141,16 @@ def _finetune_keys() -> str:
     return _config_keys(FinetuneConfig)
 
 
+def _detect_keys() -> str:
+    from keel.detection.config import DetectConfig
+    return _config_keys(DetectConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,show,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -163,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue a run exactly from its last checkpoint (end of its last finished epoch), "
                          "with the run's own config.yaml")
     ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=20 mode=partial")
+
+    add_detect_parser(sub, _detect_keys(), fmt)
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
                         description="Draw what a pretrained backbone has learned, as a PNG.",
@@ -333,7 +343,8 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "detect": cmd_detect,
+            "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

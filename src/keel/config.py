@@ -204,8 +204,9 @@ class RecipeConfig:
 
 
 def _finetune_train() -> TrainConfig:
-    # lr and weight decay None: the optimizer's own (keel.recipes.DEFAULT_LR); every image is used
-    return TrainConfig(epochs=50, batch_size=128, lr=None, weight_decay=None, warmup_epochs=5.0,
+    # lr and weight decay None: the optimizer's own (keel.recipes.DEFAULT_LR); every image is used;
+    # a small batch so that short runs on small data take enough steps (keel.recipes.supervised)
+    return TrainConfig(epochs=50, batch_size=32, lr=None, weight_decay=None, warmup_epochs=5.0,
                        drop_last=False, log_every=50)
 
 

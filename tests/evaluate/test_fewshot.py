@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from keel.config import override
+from keel.config import FinetuneConfig, override
 from keel.data.sources import build_dataset
 from keel.evaluate.features import extract_features
 from keel.evaluate.fewshot import _draw_seed, fewshot, fewshot_finetune_config, sample_shots
@@ -56,7 +56,7 @@ def test_fewshot_per_draw_results_and_their_summary():
     fcfg = fewshot_finetune_config(8, device="cpu", **{"train.epochs": 2, "train.warmup_epochs": 0.0,
                                                        "data.num_workers": 0})
     assert (fcfg.train.epochs, fcfg.train.warmup_epochs, fcfg.data.num_workers, fcfg.train.batch_size) == \
-        (2, 0.0, 0, 128)
+        (2, 0.0, 0, FinetuneConfig().train.batch_size)
     res = fewshot(backbone, train, test, shots=(1, 3), draws=3, knn_k=5, linear_epochs=10, finetune_cfg=fcfg, seed=7)
 
     assert set(res) == {"knn", "linear", "finetune"} and all(set(r) == {1, 3} for r in res.values())

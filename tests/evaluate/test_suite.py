@@ -70,7 +70,7 @@ def test_suite_numbers_are_the_protocols_own(suite, vit_run):
     tuned = finetune(copy.deepcopy(backbone), train, test, suite_finetune_config(8, epochs=1, device="cpu"),
                      progress=False)
     assert res["finetune"]["final"]["top1"] == pytest.approx(tuned["final"]["top1"], abs=1e-9)
-    assert res["finetune"]["steps"] == tuned["steps"] == 12          # ceil(1437 / 128) steps of one epoch
+    assert res["finetune"]["steps"] == tuned["steps"] == 45          # ceil(1437 / 32) steps of one epoch
     rob = robustness(tuned["classifier"], test, 8, severities=(3,))
     assert res["robustness"]["scorer"] == "finetune" and res["robustness"]["severity"] == 3
     for kind in ("noise", "blur", "contrast", "jpeg"):
@@ -233,7 +233,7 @@ def test_suite_label_fractions(suite, vit_run, vit_run2, tmp_path):
             assert res["linear"] == before["linear"] and res["finetune"]["final"] == before["finetune"]["final"]
         # 100% is the suite's own linear probe (recomputed on the subset's rows: all of them) and fine-tune
         assert fr["1.0"]["linear"] == pytest.approx(res["linear"]["linear_top1"], abs=1e-9)
-        assert fr["1.0"]["finetune"] == res["finetune"]["final"]["top1"] and fr["1.0"]["finetune_steps"] == 12
+        assert fr["1.0"]["finetune"] == res["finetune"]["final"]["top1"] and fr["1.0"]["finetune_steps"] == 45
         # 10%: the linear probe and the fine-tuning called directly on the same 143 images
         backbone = hub.resolve_backbone(str(run), 8, seed=0)[0]
         xtr, ytr = cached_features(backbone, train, make_eval_transform(8), None)
@@ -243,7 +243,7 @@ def test_suite_label_fractions(suite, vit_run, vit_run2, tmp_path):
         tuned = finetune(copy.deepcopy(backbone), train.subset(idx), test,
                          suite_finetune_config(8, epochs=1, device="cpu"), progress=False)
         assert fr["0.1"]["finetune"] == pytest.approx(tuned["final"]["top1"], abs=1e-9)
-        assert fr["0.1"]["finetune_steps"] == tuned["steps"] == 2             # ceil(143 / 128)
+        assert fr["0.1"]["finetune_steps"] == tuned["steps"] == 5             # ceil(143 / 32)
 
     md = (out / "report.md").read_text()
     a, b = vit_run.name, vit_run2.name

@@ -17,6 +17,7 @@ from keel.engine.checkpoint import load_checkpoint
 
 # digits: 1437 training images, batch 128 -> 12 steps an epoch; a checkpoint every 5 steps
 ARGS = ["model.backbone=random:resnet10_cifar", "data.source=digits", "data.img_size=16", "data.num_workers=0",
+        "train.batch_size=128",
         "train.epochs=2", "train.warmup_epochs=0.5", "train.ckpt_every=5", "train.log_every=1",
         "train.device=cpu", "train.seed=3"]
 

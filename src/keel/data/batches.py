@@ -19,6 +19,8 @@ def load_batches(ds, index_batches: Iterable[torch.Tensor], device: torch.device
                  refill: bool = False, skipped: dict[int, str] | None = None,
                  resident: dict[str, torch.Tensor] | None = None, index: bool = False) -> Iterator[dict]:
     """``{"images": uint8 (B, 3, H, W), "labels": ... (when the data has labels)}`` on ``device``
+    (a dataset whose ``collate_fn`` gives a list of images of their own sizes and ``"targets"``, one
+    dict of tensors per image, as detection does, gets both moved as they are)
     for each tensor of indices, in order. ``resident``: the in-memory dataset's tensors to index
     instead of ``ds.images``/``ds.labels`` (e.g. already on the device, so not copied each step).
     ``index``: add ``"index"``, each row's position in ``ds`` (on the CPU), which tells the rows
@@ -43,17 +45,32 @@ def load_batches(ds, index_batches: Iterable[torch.Tensor], device: torch.device
         if skipped is not None:
             skipped.update(zip(batch["skipped"].tolist(), batch.get("reasons") or ["cannot decode"] * len(batch["skipped"])))
         images, labels, rows = batch["images"], batch.get("labels"), batch.get("index")
+        targets = batch.get("targets")   # detection: one dict of tensors per image
         if refill and len(images) < len(idx):
             if len(images) == 0:
                 raise DataError(f"no image of a batch of {len(idx)} could be decoded ({len(skipped or ())} files "
                                 "skipped so far): are these really images?")
             keep = torch.arange(len(idx)) % len(images)
-            images = images[keep]
+            images = images[keep] if torch.is_tensor(images) else [images[i] for i in keep.tolist()]
             labels = labels[keep] if labels is not None else None
             rows = rows[keep] if rows is not None else None
-        out = {"images": images.to(device, non_blocking=True)}
+            targets = [targets[i] for i in keep.tolist()] if targets is not None else None
+        out = {"images": _to(images, device)}
+        if targets is not None:
+            out["targets"] = _to(targets, device)
         if labels is not None:   # an unlabeled folder's are -1
             out["labels"] = labels.to(device, non_blocking=True)
         if index:
             out["index"] = rows
         yield out
+
+
+def _to(x, device: torch.device):
+    """Tensors, and lists/dicts of them (images of different sizes, detection targets), to ``device``."""
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to(v, device) for v in x]
+    return x

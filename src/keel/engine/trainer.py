@@ -267,6 +267,8 @@ class Trainer:
                         last_ckpt = step
                     if step >= max_steps:
                         break
+            for h in self.hooks:   # while the metrics file is open: a final evaluation is logged
+                h.after_train(self)
         finally:
             bar.close()
             if self.metrics_file:
@@ -278,8 +280,6 @@ class Trainer:
                   "knn": self.history["knn"][-1][1] if self.history["knn"] else None,
                   "skipped": len(self.skipped), "finished": step >= total_steps,
                   "run_dir": str(self.run_dir) if self.run_dir is not None else None}
-        for h in self.hooks:
-            h.after_train(self)
         if self.writes:
             self._finish(data)
         D.barrier()

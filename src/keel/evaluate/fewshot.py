@@ -73,11 +73,12 @@ def sample_shots(labels, shots: int, draws: int, seed: int = 0,
 
 
 def fewshot_finetune_config(img_size: int, device: str = "auto", **overrides) -> FinetuneConfig:
-    """The default few-shot fine-tuning schedule: 50 epochs (one or two steps each on sets this
-    small), 5 of warm-up, batch 128 at AdamW's default lr, evaluated after the last epoch only.
+    """The default few-shot fine-tuning schedule: 50 epochs (a few steps each on sets this small),
+    5 of warm-up (at most a quarter of the run), fine-tuning's default batch and lr (a set smaller
+    than the batch is one batch), evaluated after the last epoch only.
     ``overrides``: ``{"section.key": value}``."""
     cfg = override(FinetuneConfig(), {"data.img_size": img_size, "train.epochs": 50, "train.warmup_epochs": 5.0,
-                                      "train.batch_size": 128, "train.eval_every": 0, "train.device": device})
+                                      "train.eval_every": 0, "train.device": device})
     return override(cfg, overrides) if overrides else cfg
 
 

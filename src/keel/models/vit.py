@@ -14,7 +14,15 @@ Attention runs through ``F.scaled_dot_product_attention``. Options beyond the pl
   window in windowed blocks. Prefix tokens are outside the grid: their rows and columns get no
   bias. Tables start at zero, so a ``rel_pos`` model starts as the plain ViT with the same weights.
   A global block materialises a (heads, N, N) bias: fine at 224 px, heavy on ViTDet's 64 x 64
-  grid (ViTDet's decomposed height/width terms avoid that; not built here).
+  grid.
+* ``rel_pos_decomposed=True`` (ViTDet's ``use_rel_pos``, from MViTv2, Li et al. 2022): each
+  block's attention also adds ``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` to its logits, with
+  per-block tables ``attn.rel_pos_h`` (2h-1, head_dim) and ``attn.rel_pos_w`` (2w-1, head_dim),
+  shared by the heads (detectron2's and timm's names and shapes). As for ``rel_pos``, the tables
+  cover the window in windowed blocks and the patch grid of ``img_size`` in global blocks, are
+  resampled (linearly, per axis, as ViTDet's ``get_rel_pos``) for other grids, give prefix tokens
+  no term and start at zero. The tables are small, but the term depends on q, so it reaches SDPA
+  as a (B, heads, N, N) float mask. Independent of ``rel_pos`` (both may be on; their terms add).
 * ``window_size > 0`` (ViTDet, Li et al. 2022): the blocks not listed in ``global_blocks`` attend
   within non-overlapping ``window_size`` x ``window_size`` cells of the patch grid; the grid is
   padded at the bottom/right to a multiple of the window, and the padded positions are masked out
@@ -52,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.models.layers import Attention, DropPath, Mlp
+from keel.models.layers.attention import DecomposedRelPosAttention
 from keel.models.layers.init import trunc_normal_
 from keel.models.layers.position import RelativePositionBias, interpolate_pos_embed, relative_position_index
 from keel.models.layers.windows import pad_to_multiple, window_partition, window_reverse
@@ -75,6 +84,7 @@ class ViTConfig:
     class_token: bool = True
     distilled: bool = False         # DeiT: a distillation token after the class token, own head
     rel_pos: bool = False           # a relative position bias per block (zero at init)
+    rel_pos_decomposed: bool = False  # ViTDet's decomposed relative positions (zero at init)
     window_size: int = 0            # > 0: ViTDet windowed attention outside global_blocks
     global_blocks: tuple[int, ...] = ()  # block indices that attend globally when windowed
 
@@ -95,13 +105,20 @@ class Block(nn.Module):
     """Pre-norm Transformer block. ``window > 0``: attention within window x window cells of the
     patch grid (the input must then be patch tokens only). ``rel_grid``: add a relative position
     bias learnt on that grid (or on the window) to the attention logits, none for the first
-    ``num_prefix`` tokens. Both need the grid ``hw`` in ``forward``."""
+    ``num_prefix`` tokens; ``decomposed_grid``: the same with decomposed relative positions. All
+    need the grid ``hw`` in ``forward``."""
 
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, drop_path, window: int = 0,
-                 rel_grid: tuple[int, int] | None = None, num_prefix: int = 0):
+                 rel_grid: tuple[int, int] | None = None, num_prefix: int = 0,
+                 decomposed_grid: tuple[int, int] | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.decomposed = decomposed_grid is not None
+        if self.decomposed:
+            grid = (window, window) if window else decomposed_grid
+            self.attn = DecomposedRelPosAttention(dim, num_heads, qkv_bias, grid)
+        else:
+            self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -113,9 +130,22 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None) -> torch.Tensor:
         y = self.norm1(x)
-        y = self._window_attn(y, hw) if self.window else self.attn(y, self._global_bias(hw))
+        if self.window:
+            y = self._window_attn(y, hw)
+        else:
+            y = self._attend(y, self._global_bias(hw), hw, self.num_prefix)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _attend(self, x, mask, hw, num_prefix):
+        if self.decomposed:
+            return self.attn(x, mask, hw, num_prefix)
+        return self.attn(x, mask)
+
+    def attention_weights(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        """The softmax attention (B, heads, N, N) of a global block on its input x."""
+        extra = (hw, self.num_prefix) if self.decomposed else ()
+        return self.attn.attention_weights(self.norm1(x), self._global_bias(hw), *extra)
 
     def _global_bias(self, hw):
         if self.rel_pos is None:
@@ -141,7 +171,7 @@ class Block(nn.Module):
             pad = torch.zeros_like(keys).masked_fill_(keys == 0, float("-inf"))
             mask = pad if mask is None else pad + mask
             mask = mask.repeat(B, 1, 1, 1)  # windows are ordered image by image
-        y = self.attn(window_partition(x, win), mask)
+        y = self._attend(window_partition(x, win), mask, win, 0)
         y = window_reverse(y, win, Hp, Wp)
         if ph or pw:
             y = y[:, :h, :w]
@@ -175,10 +205,11 @@ class VisionTransformer(nn.Module):
         # on the CPU explicitly: under a meta-device context (keel models) .tolist() would fail
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         rel_grid = (self.grid, self.grid) if cfg.rel_pos else None
+        decomposed_grid = (self.grid, self.grid) if cfg.rel_pos_decomposed else None
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, r,
                   window=0 if i in cfg.global_blocks else cfg.window_size, rel_grid=rel_grid,
-                  num_prefix=self.num_prefix_tokens)
+                  num_prefix=self.num_prefix_tokens, decomposed_grid=decomposed_grid)
             for i, r in enumerate(rates))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.num_features = cfg.dim
@@ -204,6 +235,9 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, RelativePositionBias):
                 # zero: pretrained weights without relative positions start out unchanged
                 nn.init.zeros_(m.relative_position_bias_table)
+            elif isinstance(m, DecomposedRelPosAttention):
+                nn.init.zeros_(m.rel_pos_h)
+                nn.init.zeros_(m.rel_pos_w)
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         """Position embedding of the patch tokens on an h x w grid: (1, h*w, D). The prefix
@@ -242,11 +276,11 @@ class VisionTransformer(nn.Module):
         grid) go through the blocks, with the prefix tokens: (B, 3, H, W) -> normalized tokens
         (B, P + K, D), the kept patches in the order of ``keep``. Position embeddings are added
         before the patches are gathered, so each kept token carries its own position; no mask
-        token enters the encoder. Needs global attention without a relative position bias
-        (windows and bias tables are laid out on the full grid)."""
-        if self.cfg.window_size or self.cfg.rel_pos:
+        token enters the encoder. Needs global attention without relative positions (windows
+        and relative position tables are laid out on the full grid)."""
+        if self.cfg.window_size or self.cfg.rel_pos or self.cfg.rel_pos_decomposed:
             raise ValueError("forward_visible runs a subset of the patches: it needs a ViT without "
-                             "windowed attention (window_size=0) and without rel_pos")
+                             "windowed attention (window_size=0), rel_pos and rel_pos_decomposed")
         hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(x) + self.pos_embed_for(*hw)
         x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -276,7 +310,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
         for blk in self.blocks[:-1]:
             x = blk(x, hw)
-        return last.attn.attention_weights(last.norm1(x), last._global_bias(hw))
+        return last.attention_weights(x, hw)
 
     def _pool(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.global_pool == "avg":
@@ -446,5 +480,6 @@ def from_timm_state_dict(sd: dict, name: str) -> dict:
 
 
 def to_timm_state_dict(sd: dict, name: str) -> dict:
-    """keel's state dict of a ViT/DeiT -> timm's (a model built with rel_pos has none)."""
+    """keel's state dict of a ViT/DeiT -> timm's (a model built with rel_pos or
+    rel_pos_decomposed has none: its tables have no counterpart in timm's ViT)."""
     return _shared(sd, name, "keel")

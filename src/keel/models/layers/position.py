@@ -1,5 +1,12 @@
-"""Position encodings: absolute (interpolated to any grid), Swin's relative position bias, and
-CSWin's locally-enhanced position encoding (LePE)."""
+"""Position encodings: absolute (interpolated to any grid), Swin's relative position bias,
+MViTv2/ViTDet's decomposed relative positions, and CSWin's locally-enhanced position encoding (LePE).
+
+Decomposed relative positions (MViTv2, Li et al. 2022; used by ViTDet): along each axis a table
+of 2g-1 vectors (one per offset -(g-1) .. g-1, head_dim wide, shared by the heads) adds
+``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` to the logit of query q and key k, q unscaled (the
+1/sqrt(head_dim) scale applies to q . k only, as in ViTDet). A table learnt for one size is
+resampled to 2g'-1 rows for a grid of g' linearly (``F.interpolate`` 'linear', half-pixel centres,
+no antialiasing), as detectron2's ``get_rel_pos`` does."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +34,37 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2), offsets in [-(w-1), w-1]
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def resize_rel_pos(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (L, C) table of offsets along one axis -> (rows, C), resampled linearly."""
+    if table.shape[0] == rows:
+        return table
+    t = F.interpolate(table.T[None].float(), size=rows, mode="linear", align_corners=False)
+    return t[0].T.to(table.dtype)
+
+
+def rel_pos_for(table: torch.Tensor, size: int) -> torch.Tensor:
+    """A (L, C) table of offsets along one axis -> (size, size, C): entry [i, j] is the row for
+    offset i - j. A table of L != 2*size-1 rows is first resampled linearly to that length."""
+    table = resize_rel_pos(table, 2 * size - 1)
+    pos = torch.arange(size, device=table.device)
+    return table[pos[:, None] - pos[None, :] + size - 1]
+
+
+def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                       hw: tuple[int, int]) -> torch.Tensor:
+    """Queries (B, heads, h*w, C) of an h x w grid (row by row) -> the (B, heads, h*w, h*w) logit
+    term ``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` for every key of the same grid."""
+    h, w = hw
+    B, H, N, C = q.shape
+    if N != h * w:
+        raise ValueError(f"decomposed_rel_pos: {N} queries do not form the {h}x{w} grid")
+    grid_q = q.reshape(B, H, h, w, C)
+    by_row = torch.einsum("bnhwc,hkc->bnhwk", grid_q, rel_pos_for(rel_pos_h, h))  # over key rows
+    by_col = torch.einsum("bnhwc,wkc->bnhwk", grid_q, rel_pos_for(rel_pos_w, w))  # over key columns
+    # the (key row, key column) pair of a key takes one term of each
+    return (by_row[..., :, None] + by_col[..., None, :]).reshape(B, H, N, N)
 
 
 class RelativePositionBias(nn.Module):
