@@ -124,10 +124,11 @@ def run(work: Path, seeds: list[int], epochs: int, pretrain_epochs: int, out: Pa
     data.update(date=datetime.date.today().isoformat(), machine="2-core CPU",
                 split=json.loads((work / "split.json").read_text()))
     ssl = work / "runs" / "simclr"
+    args = ["pretrain", *PRETRAIN, f"data.source={work / 'unlabeled'}", f"train.epochs={pretrain_epochs}",
+            "--out", str(ssl)]
     if not (ssl / "backbone.safetensors").is_file():
-        args = ["pretrain", *PRETRAIN, f"data.source={work / 'unlabeled'}", f"train.epochs={pretrain_epochs}",
-                "--out", str(ssl)]
         data["pretrain"] = {"command": "keel " + " ".join(args), "wall_s": keel(args)}
+    data.setdefault("pretrain", {"command": "keel " + " ".join(args)})
     runs = data.setdefault("runs", {})
     for seed in seeds:
         for arm, spec in (("random", "random:resnet18"), ("simclr", str(ssl))):
@@ -164,8 +165,8 @@ def main() -> None:
     p.add_argument("--wheel-data", type=Path, help="prepare: deepforest's data/ folder (from the unzipped wheel)")
     p.add_argument("--work", type=Path, default=Path("/tmp/dfb"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=20, help="detection epochs (the same for both starts)")
-    p.add_argument("--pretrain-epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=8, help="detection epochs (the same for both starts)")
+    p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
     if a.step == "prepare":

@@ -120,6 +120,51 @@ def test_relative_position_tables_are_resampled_to_the_window():
     torch.testing.assert_close(table, torch.full((9, 3), 0.25), atol=1e-6, rtol=0)  # bicubic keeps a constant
 
 
+def decomposed_tables(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("attn.rel_pos_h", "attn.rel_pos_w"))}
+
+
+def test_vitdet_vit_adds_zero_decomposed_relative_positions_on_request():
+    # a 4x3 grid in 2x2 windows (padded) with one global block: zero tables change nothing
+    src = randomize(vit(depth=3, img_size=64))
+    plain = vitdet_vit(src, window_size=2, global_blocks=(2,), drop_path_rate=0.0).eval()
+    rel = vitdet_vit(src, window_size=2, global_blocks=(2,), drop_path_rate=0.0, rel_pos_decomposed=True).eval()
+    assert not decomposed_tables(plain) and rel.cfg.rel_pos_decomposed
+    tables = decomposed_tables(rel)
+    # (2 * window - 1, head_dim) in windowed blocks, (2 * grid - 1, head_dim) in the global one
+    assert {k: tuple(v.shape) for k, v in tables.items()} == {
+        **{f"blocks.{i}.attn.rel_pos_{a}": (3, 64) for i in (0, 1) for a in "hw"},
+        **{f"blocks.2.attn.rel_pos_{a}": (7, 64) for a in "hw"}}
+    assert all(not v.any() for v in tables.values())
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rel.feature_maps(x)[0], plain.feature_maps(x)[0], atol=1e-6, rtol=0)
+    # build_pyramid passes the option on; off by default
+    assert decomposed_tables(build_pyramid(src, window_size=2, rel_pos_decomposed=True).backbone)
+    assert not decomposed_tables(build_pyramid(src, window_size=2).backbone)
+
+
+def test_decomposed_tables_load_resampled_or_stay_zero():
+    src = randomize(vit(depth=2, img_size=64, rel_pos_decomposed=True))   # 7-row tables: the 4x4 grid
+    sd = src.state_dict()
+    # a source with them keeps them (without being asked): the global block's as they are, the
+    # 2x2 windows' resampled linearly to 3 rows, as ViTDet's get_rel_pos
+    win = vitdet_vit(src, window_size=2, global_blocks=(1,))
+    out = win.state_dict()
+    torch.testing.assert_close(out["blocks.1.attn.rel_pos_w"], sd["blocks.1.attn.rel_pos_w"], atol=0, rtol=0)
+    table = sd["blocks.0.attn.rel_pos_h"]
+    expect = F.interpolate(table.T[None], size=3, mode="linear", align_corners=False)[0].T
+    torch.testing.assert_close(out["blocks.0.attn.rel_pos_h"], expect, atol=1e-6, rtol=0)
+    # a source without them: they stay zero, everything else loads
+    plain_sd = {k: v for k, v in sd.items() if "rel_pos_" not in k}
+    load_vitdet_weights(win, plain_sd)
+    assert all(not v.any() for v in decomposed_tables(win).values())
+    torch.testing.assert_close(win.state_dict()["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+    # a model without them refuses a source's tables instead of dropping them
+    with pytest.raises(ValueError, match="unexpected.*rel_pos_h"):
+        load_vitdet_weights(vitdet_vit(vit(depth=2, img_size=64), window_size=2), sd)
+
+
 def test_bad_state_dicts_and_arguments_raise_one_line():
     model = vitdet_vit(vit(depth=2))
     sd = vit(depth=2).state_dict()

@@ -116,6 +116,9 @@ def test_vitdet_detector_decays_the_lr_by_layer():
     assert by_name["backbone.blocks.11.attn.qkv.weight"] == pytest.approx(0.7)
     assert by_name["detector.rpn.head.cls_logits.weight"] == 1.0
     assert not any(n.startswith("detector.backbone.backbone.") for n in by_name)      # the backbone once
+    rel = build_task(override(cfg, {"model.rel_pos_decomposed": True}), ["__background__", "a"], 64)
+    assert rel.backbone.blocks[0].attn.rel_pos_h.shape == (2 * 2 - 1, 64)           # window 2, head dim 64
+    assert rel.backbone.blocks[2].attn.rel_pos_h.shape == (2 * 14 - 1, 64)          # global: the 224 px grid
 
 
 def test_config_errors_are_one_line():
@@ -146,3 +149,22 @@ def test_eval_and_predict_commands_on_a_trained_run(trained, tmp_path, capsys):
     assert (out / "00001-wide.png").is_file() and "broken.jpg" in (out / "skipped.txt").read_text()
     assert main(["detect", "predict", "--checkpoint", str(tmp_path / "nope"), "--data", str(photos)]) == 2
     assert "not a keel detect run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_keel_detect_train(shapes64, tmp_path):
+    """Two gloo processes: each takes its share of every batch; the run is written once."""
+    import os
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "keel",
+           "detect", "train", "--out", str(run_dir), f"data.source={shapes64}",
+           *[f"{k}={v}" for k, v in TINY.items()], "train.eval_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    evals = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines() if '"AP"' in s]
+    assert [r["epoch"] for r in evals] == [1, 2]                     # one line per evaluation, not two
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 8 and result["final"]["AP"] == pytest.approx(evals[-1]["AP"])

@@ -1,16 +1,18 @@
 """The Vision Transformer: registry, shapes, position-embedding interpolation, drop-path, size,
-relative position bias, ViTDet windowed blocks, timm conversion."""
+relative position bias, ViTDet windowed blocks and decomposed relative positions, timm
+conversion."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import keel
 from keel.models.layers import Attention, DropPath
 from keel.models.registry import register_model
 from keel.convert import from_timm, to_timm
-from keel.models.layers.position import interpolate_pos_embed
+from keel.models.layers.position import interpolate_pos_embed, resize_rel_pos
 from keel.models.vit import TIMM_NAMES, VisionTransformer, ViTConfig, _bias_for_grid
 
 VITS = ["vit_base_patch16", "vit_small_patch16", "vit_tiny_patch16", "vit_tiny_patch4_32", "vit_large_patch16",
@@ -321,6 +323,181 @@ def test_global_blocks_from_a_list_and_meta_build_of_vitdet_base():
     assert m.cfg.global_blocks == (2, 5, 8, 11)
     assert [b.window for b in m.blocks] == [14, 14, 0] * 4
     assert m.blocks[2].rel_pos.window == (64, 64) and m.blocks[0].rel_pos.window == (14, 14)
+
+
+# ---------------------------------------------------------------- decomposed relative positions
+def decomposed_tables(m: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in m.named_parameters() if n.endswith(("attn.rel_pos_h", "attn.rel_pos_w"))]
+
+
+def randomize_tables(m: nn.Module) -> nn.Module:
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in decomposed_tables(m):
+            p.normal_(std=0.5)
+    return m
+
+
+def reference_attention(attn, x, coords, rel_h, rel_w, prefix=0):
+    """Attention of one image's tokens x (M, C) written out: the logit of query i and key j gets
+    q_i . rel_h[r_i - r_j + gh - 1] + q_i . rel_w[c_i - c_j + gw - 1] (tables of 2g-1 rows),
+    (r, c) = ``coords`` of the tokens after the first ``prefix``. -> (output (M, C), weights)."""
+    M, C = x.shape
+    hd = C // attn.num_heads
+    q, k, v = attn.qkv(x).view(M, 3, attn.num_heads, hd).permute(1, 2, 0, 3)   # (heads, M, hd)
+    logits = q @ k.transpose(-1, -2) * hd ** -0.5
+    gh, gw = (len(rel_h) + 1) // 2, (len(rel_w) + 1) // 2
+    extra = torch.zeros_like(logits)
+    for i, (ri, ci) in enumerate(coords):
+        for j, (rj, cj) in enumerate(coords):
+            qi = q[:, prefix + i]
+            extra[:, prefix + i, prefix + j] = qi @ rel_h[ri - rj + gh - 1] + qi @ rel_w[ci - cj + gw - 1]
+    weights = (logits + extra).softmax(-1)
+    return attn.proj((weights @ v).transpose(0, 1).reshape(M, C)), weights
+
+
+def reference_global_block(blk, x, hw, rel_h, rel_w):
+    """A global block (prefix tokens first) with the reference attention, image by image."""
+    coords = [(r, c) for r in range(hw[0]) for c in range(hw[1])]
+    prefix = x.shape[1] - len(coords)
+    y = blk.norm1(x)
+    att = torch.stack([reference_attention(blk.attn, yi, coords, rel_h, rel_w, prefix)[0] for yi in y])
+    x = x + att
+    return x + blk.mlp(blk.norm2(x))
+
+
+def test_zero_decomposed_tables_are_the_plain_vit():
+    torch.manual_seed(0)
+    plain = tiny().eval()
+    rel = tiny(rel_pos_decomposed=True).eval()
+    missing = rel.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.attn.rel_pos_{a}" for i in range(2) for a in "hw"]
+    # timm's/detectron2's names and shapes: (2 * 4 - 1, head_dim) on the 4x4 grid
+    assert rel.blocks[0].attn.rel_pos_h.shape == rel.blocks[0].attn.rel_pos_w.shape == (7, 16)
+    assert all(not t.any() for t in decomposed_tables(rel))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rel(x), plain(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(rel(x[..., :12, :20]), plain(x[..., :12, :20]), rtol=0, atol=1e-6)
+    # windowed (3x3 windows on a 4x5 grid: padded) with a global block
+    plain, win = plain_and_windowed(3, global_blocks=(1,))
+    rel = tiny(class_token=False, global_pool="avg", window_size=3, global_blocks=(1,), rel_pos_decomposed=True)
+    rel.load_state_dict(plain.state_dict(), strict=False)
+    assert [b.attn.rel_pos_h.shape[0] for b in rel.blocks] == [5, 7]   # window 3, grid 4
+    x = torch.randn(2, 3, 16, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(rel.eval()(x), win(x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rel_pos_decomposed"):
+        rel.forward_visible(x, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="rel_pos_h"):
+        to_timm("vit_tiny_patch4_32", rel.state_dict())
+
+
+def test_decomposed_global_block_matches_the_written_out_attention_and_its_gradients():
+    m = randomize_tables(tiny(rel_pos_decomposed=True)).eval()
+    blk = m.blocks[0]
+    torch.manual_seed(4)
+    x = torch.randn(2, 1 + 16, 32)          # class token + 4x4 grid
+    r = torch.randn(2, 17, 32)
+    out = blk(x, (4, 4))
+    ref = reference_global_block(blk, x, (4, 4), blk.attn.rel_pos_h, blk.attn.rel_pos_w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    zero = torch.zeros_like(blk.attn.rel_pos_h)
+    assert (out - reference_global_block(blk, x, (4, 4), zero, zero)).abs().max() > 1e-2   # the tables matter
+    grads = torch.autograd.grad((out * r).sum(), [blk.attn.rel_pos_h, blk.attn.rel_pos_w])
+    grads_ref = torch.autograd.grad((ref * r).sum(), [blk.attn.rel_pos_h, blk.attn.rel_pos_w])
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    # last_self_attention applies the same term
+    img = torch.randn(1, 3, 16, 16)
+    weights = m.last_self_attention(img)
+    captured = {}
+    m.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0]))
+    m.forward_tokens(img)
+    last = m.blocks[-1]
+    coords = [(i, j) for i in range(4) for j in range(4)]
+    _, w_ref = reference_attention(last.attn, last.norm1(captured["x"][0]), coords, last.attn.rel_pos_h,
+                                   last.attn.rel_pos_w, prefix=1)
+    torch.testing.assert_close(weights[0], w_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decomposed_windowed_block_with_padding_matches_the_written_out_attention():
+    # 3x3 windows on a 4x5 grid: padded to 6x6; padded keys take no part; window coordinates
+    m = randomize_tables(tiny(class_token=False, global_pool="avg", window_size=3, rel_pos_decomposed=True)).eval()
+    blk = m.blocks[0]
+    torch.manual_seed(5)
+    h, w = 4, 5
+    x = torch.randn(2, h * w, 32)
+    y = blk.norm1(x)
+    att = torch.zeros_like(x)
+    for b in range(2):
+        for r0 in (0, 3):
+            for c0 in (0, 3):
+                cells = [(r, c) for r in range(r0, min(r0 + 3, h)) for c in range(c0, min(c0 + 3, w))]
+                idx = [r * w + c for r, c in cells]
+                local = [(r - r0, c - c0) for r, c in cells]
+                att[b, idx] = reference_attention(blk.attn, y[b, idx], local, blk.attn.rel_pos_h,
+                                                  blk.attn.rel_pos_w)[0]
+    ref = x + att
+    ref = ref + blk.mlp(blk.norm2(ref))
+    out = blk(x, (h, w))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    r = torch.randn_like(out)
+    grads = torch.autograd.grad((out * r).sum(), [blk.attn.rel_pos_h, blk.attn.rel_pos_w])
+    grads_ref = torch.autograd.grad((ref * r).sum(), [blk.attn.rel_pos_h, blk.attn.rel_pos_w])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_decomposed_tables_are_resampled_linearly_for_other_grids():
+    # by hand: 3 rows -> 5, half-pixel centres, source position (i + 0.5) * 3/5 - 0.5 clamped
+    t = torch.tensor([[1.0], [4.0], [10.0]])
+    expect = []
+    for i in range(5):
+        s = min(max((i + 0.5) * 3 / 5 - 0.5, 0.0), 2.0)
+        lo = int(s)
+        hi = min(lo + 1, 2)
+        expect.append(t[lo, 0] * (1 - (s - lo)) + t[hi, 0] * (s - lo))
+    torch.testing.assert_close(resize_rel_pos(t, 5)[:, 0], torch.stack(expect))
+    assert resize_rel_pos(t, 3) is t
+    # a global block learnt on the 4x4 grid (7 rows) run on 3x6: 5 rows for h, 11 for w
+    m = randomize_tables(tiny(rel_pos_decomposed=True)).eval()
+    blk = m.blocks[1]
+    torch.manual_seed(6)
+    x = torch.randn(2, 1 + 18, 32)
+    rel_h = F.interpolate(blk.attn.rel_pos_h.T[None], size=5, mode="linear", align_corners=False)[0].T
+    rel_w = F.interpolate(blk.attn.rel_pos_w.T[None], size=11, mode="linear", align_corners=False)[0].T
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, (3, 6)), reference_global_block(blk, x, (3, 6), rel_h, rel_w),
+                                   atol=1e-5, rtol=1e-5)
+    assert m(torch.randn(1, 3, 12, 24)).shape == (1, 32)
+
+
+def test_gradients_reach_every_decomposed_table():
+    m = randomize_tables(tiny(class_token=False, global_pool="avg", window_size=3, global_blocks=(0,),
+                              rel_pos_decomposed=True))
+    assert [b.attn.rel_pos_w.shape[0] for b in m.blocks] == [7, 5]
+    (m.feature_maps(torch.randn(2, 3, 20, 28))[0] * torch.randn(2, 32, 5, 7)).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in decomposed_tables(m))
+
+
+def test_decomposed_and_bias_relative_positions_add():
+    torch.manual_seed(0)
+    both = tiny(rel_pos=True, rel_pos_decomposed=True).eval()
+    with torch.no_grad():
+        for blk in both.blocks:
+            blk.rel_pos.relative_position_bias_table.normal_()
+    randomize_tables(both)
+    blk = both.blocks[0]
+    x = torch.randn(1, 17, 32)
+    with torch.no_grad():
+        y = blk.norm1(x)
+        q = blk.attn.heads(y)[0]
+        mask = blk.attn.rel_pos_mask(q, (4, 4), 1, blk._global_bias((4, 4)))
+        torch.testing.assert_close(mask, blk.attn.rel_pos_mask(q, (4, 4), 1) + blk._global_bias((4, 4)))
+        out = x + blk.attn.attend(*blk.attn.heads(y), mask)
+        torch.testing.assert_close(blk(x, (4, 4)), out + blk.mlp(blk.norm2(out)))
 
 
 # ---------------------------------------------------------------- timm

@@ -40,6 +40,8 @@ class DetectModelConfig:
     vitdet_heads: bool = True       # 2-conv RPN, 4conv1fc box head and mask head with LayerNorm
     window_size: int = 0            # plain ViTs: window attention in all but 4 global blocks; 0 =
                                     # 14 at 1024 px scaled to the image (a quarter of the patch grid)
+    rel_pos_decomposed: bool = False    # plain ViTs: ViTDet's decomposed relative positions in every
+                                        # block (tables start at zero; a (heads, N, N) term per block)
     out_channels: int = 256         # pyramid channels
     freeze_backbone: bool = False   # True: only the pyramid and heads train
     freeze_bn: bool = True          # BatchNorm statistics of the backbone stay as pretrained

@@ -103,8 +103,8 @@ def load_vitdet_weights(model: VisionTransformer, state_dict: Mapping[str, torch
     """Load a ViT pretraining state dict (keel/timm names: a keel ViT's, DeiT's, MAE's with its
     decoder) into the windowed ``model``: prefix tokens, their positions, MAE's mask token and
     decoder and any head are dropped; position and relative-position tables of another grid are
-    resampled (bicubic; decomposed tables linearly, as ViTDet); decomposed tables the source does
-    not have keep ``model``'s values (zero when it is new); everything else must match exactly."""
+    resampled (bicubic; decomposed tables linearly, as ViTDet); decomposed relative position tables
+    the source does not have are set to zero; everything else must match ``model`` exactly."""
     own = model.state_dict()
     sd = {k: v for k, v in state_dict.items() if not _DROPPED.fullmatch(k)}
     if "pos_embed" in sd:
@@ -117,7 +117,7 @@ def load_vitdet_weights(model: VisionTransformer, state_dict: Mapping[str, torch
             sd[k] = resize_rel_pos(v, own[k].shape[0])
     for k in own:
         if _DECOMPOSED.fullmatch(k) and k not in sd:
-            sd[k] = own[k]
+            sd[k] = torch.zeros_like(own[k])   # zero terms: the model computes what the source did
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
         raise ValueError(f"load_vitdet_weights: state dict does not fit the ViT: missing {missing[:4]}, "

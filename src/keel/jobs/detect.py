@@ -111,7 +111,8 @@ def build_task(cfg: DetectConfig, classes: list[str], img_size: int) -> Detectio
     backbone, _ = hub.resolve_backbone(m.backbone, None, seed=cfg.train.seed)
     if isinstance(backbone, VisionTransformer):
         window = m.window_size or default_window(backbone, img_size)
-        pyramid = build_pyramid(backbone, m.out_channels, window_size=window, drop_path_rate=m.drop_path_rate)
+        pyramid = build_pyramid(backbone, m.out_channels, window_size=window, drop_path_rate=m.drop_path_rate,
+                                rel_pos_decomposed=m.rel_pos_decomposed)
     else:
         pyramid = build_pyramid(backbone, m.out_channels)
     detector = build_detector(m.detector, pyramid, len(classes) - 1, img_size, MEAN, STD, m.vitdet_heads,

@@ -16,9 +16,10 @@ Attention runs through ``F.scaled_dot_product_attention``. Options beyond the pl
   A global block materialises a (heads, N, N) bias: fine at 224 px, heavy on ViTDet's 64 x 64
   grid.
 * ``rel_pos_decomposed=True`` (ViTDet's ``use_rel_pos``, from MViTv2, Li et al. 2022): each
-  block's attention also adds ``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` to its logits, with
-  per-block tables ``attn.rel_pos_h`` (2h-1, head_dim) and ``attn.rel_pos_w`` (2w-1, head_dim),
-  shared by the heads (detectron2's and timm's names and shapes). As for ``rel_pos``, the tables
+  block's attention also adds ``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` (q unscaled) to its
+  logits, with per-block tables ``attn.rel_pos_h`` and ``attn.rel_pos_w`` of (2g-1, head_dim) for
+  a g x g grid, shared by the heads (detectron2's and timm's names and shapes; ViTDet-B: 27 rows
+  in its 14 x 14 windows, 127 in its global blocks at 1024 px). As for ``rel_pos``, the tables
   cover the window in windowed blocks and the patch grid of ``img_size`` in global blocks, are
   resampled (linearly, per axis, as ViTDet's ``get_rel_pos``) for other grids, give prefix tokens
   no term and start at zero. The tables are small, but the term depends on q, so it reaches SDPA
