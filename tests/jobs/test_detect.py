@@ -168,3 +168,16 @@ def test_torchrun_keel_detect_train(shapes64, tmp_path):
     assert [r["epoch"] for r in evals] == [1, 2]                     # one line per evaluation, not two
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 8 and result["final"]["AP"] == pytest.approx(evals[-1]["AP"])
+
+
+def test_frozen_backbone_stays_as_it_was(shapes64, tmp_path):
+    cfg = override(DetectConfig(), {"data.source": str(shapes64), **TINY, "train.epochs": 1,
+                                    "model.freeze_backbone": True})
+    detect_train(cfg, tmp_path / "run", quiet=True)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_task(cfg, ["__background__", "rectangle", "ellipse", "triangle"], 64)
+    trained = load_file(str(tmp_path / "run" / "detector.safetensors"))
+    before = fresh.detector.state_dict()
+    bb = [k for k in trained if k.startswith("backbone.backbone.")]
+    assert bb and all(torch.equal(trained[k], before[k]) for k in bb)                 # BN statistics too
+    assert not torch.equal(trained["rpn.head.cls_logits.weight"], before["rpn.head.cls_logits.weight"])
