@@ -53,8 +53,10 @@ def add_parser(sub, keys: str, fmt) -> None:
     p.add_argument("--data", help="eval: annotations (default: the run's held-out test images); "
                                   "predict: an image or a folder of images")
     p.add_argument("--out", metavar="DIR", help="train: run directory; eval, predict: output folder")
-    p.add_argument("--tile", type=int, default=0, help="predict: cut images larger than this into tiles (0: whole)")
-    p.add_argument("--overlap", type=int, default=64, help="predict: pixels neighbouring tiles share (default: 64)")
+    p.add_argument("--tile", type=int, help="predict: cut images larger than this into tiles (0: whole; "
+                                            "default: the run's data.tile)")
+    p.add_argument("--overlap", type=int, help="predict: pixels neighbouring tiles share (default: the run's "
+                                               "data.tile_overlap)")
     p.add_argument("--device", default="auto", help="eval, predict: auto | cpu | cuda (default: auto)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="train: config overrides, e.g. train.epochs=20")
 
@@ -77,7 +79,9 @@ def cmd_detect(args) -> int:
         raise ConfigError("keel detect predict needs --data IMAGE_OR_FOLDER")
     from keel.detection.predict import predict
     out = Path(args.out) if args.out else Path(args.checkpoint) / "predictions"
-    res = predict(task, args.data, out, tile=args.tile, overlap=args.overlap, draw_thresh=cfg.eval.draw_thresh)
+    tile = cfg.data.tile if args.tile is None else args.tile
+    overlap = cfg.data.tile_overlap if args.overlap is None else args.overlap
+    res = predict(task, args.data, out, tile=tile, overlap=overlap, draw_thresh=cfg.eval.draw_thresh)
     print(f"{res['images']} images, {res['detections']} detections"
           + (f", {res['skipped']} files skipped (listed in {out / 'skipped.txt'})" if res["skipped"] else "")
           + f"\nwrote {out / 'predictions.json'} and one PNG per image (boxes scored >= {cfg.eval.draw_thresh:g})")
