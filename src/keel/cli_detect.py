@@ -116,14 +116,11 @@ def _eval(args, task, cfg) -> int:
     from keel.detection.annotations import read_annotations
     from keel.detection.loader import DetectionData
     from keel.detection.report import write_report
-    from keel.detection.tiles import tile_records
-    from keel.jobs.detect import split
+    from keel.jobs.detect import split, held_out_records
     run = Path(args.checkpoint)
     if args.data:
         ann = read_annotations(args.data, on_bad=cfg.data.on_bad, classes=task.classes[1:])
-        records = tile_records(ann.records, cfg.data.tile, cfg.data.tile_overlap) if cfg.data.tile else ann.records
-        for i, r in enumerate(records):
-            r.image_id = i + 1
+        records = held_out_records(cfg, ann.records)
     else:   # the run's own held-out images (tiles), split again from its config exactly as in training
         records = split(cfg)[1]
     out = Path(args.out) if args.out else run / "report"

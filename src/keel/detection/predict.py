@@ -41,8 +41,7 @@ def detect_image(task, image: torch.Tensor, tile: int = 0, overlap: int = 64) ->
         return task.predict([image])[0]
     windows = tile_grid(w, h, tile, overlap)
     crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in windows]
-    preds = [p for i in range(0, len(crops), task.eval_batch) for p in task.predict(crops[i:i + task.eval_batch])]
-    boxes, scores, labels = merge_tile_predictions(preds, windows)
+    boxes, scores, labels = merge_tile_predictions(task.predict(crops), windows)   # predict batches them
     return {"boxes": boxes, "scores": scores, "labels": labels}
 
 

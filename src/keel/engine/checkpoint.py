@@ -67,12 +67,17 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def save_weights(model: nn.Module, path: str | Path, meta: dict) -> None:
+    """``model``'s state dict as a safetensors file (atomically), ``meta`` as its string metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
+
+
 def export_backbone(backbone: nn.Module, run_dir: str | Path, card: dict) -> Path:
     """Write ``backbone.safetensors`` and ``card.json`` (with the weights' sha256) to run_dir."""
     run_dir = Path(run_dir)
     weights = run_dir / "backbone.safetensors"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_weights(backbone, weights, {"format": "pt"})
     card = dict(card, sha256=sha256(weights), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     atomic_write(run_dir / "card.json", lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2)))
     return weights

@@ -31,7 +31,7 @@ from keel.detection.loader import DetectionData
 from keel.detection.pyramid import build_pyramid
 from keel.detection.tiles import tile_records
 from keel.engine import distributed as D
-from keel.engine.checkpoint import atomic_write, write_json
+from keel.engine.checkpoint import save_weights, write_json
 from keel.engine.hooks import EvalHook
 from keel.engine.trainer import Trainer
 from keel.models.vit import VisionTransformer
@@ -86,10 +86,18 @@ def split(cfg: DetectConfig):
         test = [r for i, r in enumerate(ann.records) if i % every == every - 1]
     if d.tile:
         train = tile_records(train, d.tile, d.tile_overlap, keep_empty=False)
-        test = tile_records(test, d.tile, d.tile_overlap)
-    for i, r in enumerate(test):
+    return train, held_out_records(cfg, test), ann.classes, skipped
+
+
+def held_out_records(cfg: DetectConfig, records) -> list:
+    """Test images as they are evaluated: cut into tiles when the run tiles (empty tiles kept:
+    a detection there is a false positive), numbered 1..n for COCO."""
+    if cfg.data.tile:
+        records = tile_records(records, cfg.data.tile, cfg.data.tile_overlap)
+    records = list(records)
+    for i, r in enumerate(records):
         r.image_id = i + 1
-    return train, test, ann.classes, skipped
+    return records
 
 
 def resolve_img_size(cfg: DetectConfig, records) -> int:
@@ -122,11 +130,8 @@ def build_task(cfg: DetectConfig, classes: list[str], img_size: int) -> Detectio
 
 
 def save_detector(task: DetectionTask, path: Path) -> None:
-    from safetensors.torch import save_file
     # the detector holds the backbone too (task.backbone is the same module): saved once, from it
-    tensors = {k: v.detach().cpu().contiguous() for k, v in task.detector.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"classes": json.dumps(task.classes),
-                                                                     "img_size": str(task.img_size)}))
+    save_weights(task.detector, path, {"classes": json.dumps(task.classes), "img_size": task.img_size})
 
 
 def load_detector(run_dir: str | Path, best: bool = False, device: str = "cpu") -> tuple[DetectionTask, DetectConfig]:

@@ -33,7 +33,7 @@ from keel.data.labels import LabeledCSV
 from keel.data.recipes import parse_randaugment
 from keel.data.sources import DataError, labeled_splits
 from keel.engine import distributed as D
-from keel.engine.checkpoint import atomic_write, write_json
+from keel.engine.checkpoint import save_weights, write_json
 from keel.engine.hooks import EMAHook, EvalHook
 from keel.engine.trainer import Trainer
 from keel.evaluate.multilabel import MultiLabelTask, TwoLevelTask
@@ -105,12 +105,6 @@ def num_classes(train_ds, test_ds) -> int:
     return max(top, len(getattr(train_ds, "classes", None) or []))
 
 
-def save_classifier(model: nn.Module, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()}))
-
-
 def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=None,
              run_dir: str | Path | None = None, progress: bool = True, teacher: nn.Module | None = None,
              resume: bool = False) -> dict:
@@ -152,7 +146,7 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=N
 
     def save_best(epoch: int, metrics: dict) -> None:
         if writes:
-            save_classifier(st.model, Path(run_dir) / "classifier_best.safetensors",
+            save_weights(st.model, Path(run_dir) / "classifier_best.safetensors",
                             {"epoch": epoch, st.main_metric: metrics[st.main_metric]})
 
     main = EvalHook(test_ds, cfg.train.eval_every, on_best=save_best)
@@ -189,9 +183,9 @@ def finetune(backbone: nn.Module, train_ds, test_ds, cfg: FinetuneConfig, task=N
         result["best_ema"] = hooks[2].best
     if writes:
         run_dir = Path(run_dir)
-        save_classifier(st.model, run_dir / "classifier.safetensors", {"epoch": main.last["epoch"]})
+        save_weights(st.model, run_dir / "classifier.safetensors", {"epoch": main.last["epoch"]})
         if ema is not None:
-            save_classifier(ema.ema, run_dir / "classifier_ema.safetensors",
+            save_weights(ema.ema, run_dir / "classifier_ema.safetensors",
                             {"epoch": main.last["epoch"], "model_ema": cfg.train.model_ema})
         write_json(run_dir / "result.json", result)
     D.barrier()                         # torchrun: rank 0's files exist when any rank returns

@@ -80,17 +80,17 @@ class DetectionTask(Task):
         decoded (left out: their ground truth counts as missed)."""
         from keel.data.errors import BadImageError
         from keel.detection.coco_eval import predictions_to_coco
-        items, bad, results = [], 0, []
-        for i in range(len(data) + 1):
-            if i < len(data):
+        results, bad = [], 0
+        for start in range(0, len(data), self.eval_batch):
+            items = []
+            for i in range(start, min(len(data), start + self.eval_batch)):
                 try:
                     items.append(data.item(i))
                 except BadImageError:
                     bad += 1
-            if len(items) == self.eval_batch or (i == len(data) and items):
+            if items:
                 preds = self.predict([im for im, _ in items], model)
                 results += predictions_to_coco(preds, [t["image_id"] for _, t in items])
-                items = []
         return results, bad
 
     def evaluate(self, data, trainer=None, model: nn.Module | None = None) -> dict:
