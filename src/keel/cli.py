@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from keel.cli_detect import add_parser as add_detect_parser
+from keel.cli_shards import add_parser as add_shards_parser
+from keel.cli_shards import cmd_shards
 from keel.cli_detect import cmd_detect
 from keel.cli_eval import add_parser as add_eval_parser
 from keel.cli_eval import cmd_eval
@@ -27,6 +29,7 @@ a 5-minute tour:
   keel pretrain method.name=swav model.name=keel_tiny         # also mae simmim dino mocov3 byol simsiam rotation
   keel finetune model.backbone=runs/<run> data.source=digits  # fine-tune on labeled data
   keel detect train model.backbone=runs/<run> data.source=boxes.csv   # object detection (ViTDet-style)
+  keel shards photos/ shards/photos && keel pretrain data.source=shards:shards/photos   # at scale
   keel eval suite model.backbone=[runs/<run>,random:resnet18_cifar] data.source=[digits,fashion-mnist]
   keel models                                  # the backbones you can pretrain
 
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,show,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,shards,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -173,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=20 mode=partial")
 
     add_detect_parser(sub, _detect_keys(), fmt)
+    add_shards_parser(sub, fmt)
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
                         description="Draw what a pretrained backbone has learned, as a PNG.",
@@ -344,7 +348,7 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "detect": cmd_detect,
-            "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
+            "shards": cmd_shards, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "digits"          # built-in name (digits, fashion-mnist) or an image folder
-    img_size: int = 32              # images are decoded and resized to this side once
+    source: str = "digits"          # built-in name (digits, fashion-mnist), an image folder, or
+                                    # shards:PATH (keel shards output: a folder, a pattern of its tars, a URL)
+    img_size: int = 32              # the side of training views and of evaluation's centre crop
+    crop_from: str = "whole"        # training crops drawn over the "whole" image (aspect kept) or the
+                                    # "center" square (keel 0.1); evaluation always resizes + centre-crops
     subset: int = 0                 # >0: train on a fixed random subset of this many images
-    num_workers: int = 2            # decoding workers for image folders (built-ins need none)
+    num_workers: int = 2            # decoding workers for image folders and shards (built-ins need none)
+    shuffle_buffer: int = 4096      # shards: samples each process holds to shuffle its stream
 
 
 @dataclass

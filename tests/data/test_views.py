@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -360,3 +361,55 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
     params = {k: v.cuda() for k, v in aug.sample_params(16, 40, 28, make_gen(3)).items()}
     torch.testing.assert_close(aug.apply(x.cuda(), params).cpu(), cpu, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- 6. images of their own sizes
+def test_crops_over_a_padded_canvas_stay_inside_each_image():
+    """Whole images of several sizes share a zero-padded canvas: every crop box lies in its own
+    image, covers the scale range of *that* image's area, and no view ever sees the padding."""
+    sizes = torch.tensor([[20, 40], [40, 20], [30, 30], [12, 50]] * 50)
+    aug = BatchAugment(ViewConfig(size=16, jitter_p=0.0, gray_p=0.0, blur_p=0.0))
+    p = aug.sample_params(len(sizes), sizes[:, 0], sizes[:, 1], make_gen(0))
+    h, w = sizes[:, 0].double(), sizes[:, 1].double()
+    assert (p["top"] >= 0).all() and (p["left"] >= 0).all()
+    assert (p["top"] + p["height"] <= h).all() and (p["left"] + p["width"] <= w).all()
+    frac = p["height"].double() * p["width"].double() / (h * w)
+    assert frac.min() >= 0.19 and frac.max() <= 1.0
+    # each image's area fractions follow torchvision's RandomResizedCrop for its own size
+    many = torch.tensor([[20, 40], [30, 30]]).repeat(1000, 1)
+    q = aug.sample_params(len(many), many[:, 0], many[:, 1], make_gen(2))
+    torch.manual_seed(0)
+    for k, (hh, ww) in enumerate([(20, 40), (30, 30)]):
+        ours = (q["height"][k::2] * q["width"][k::2]).double().mean() / (hh * ww)
+        ref = torch.tensor([float(np.prod(RandomResizedCrop.get_params(torch.empty(3, hh, ww), [0.2, 1.0],
+                                                                        [3 / 4, 4 / 3])[2:])) for _ in range(1000)])
+        assert abs(ours - ref.mean() / (hh * ww)) < 0.03
+    canvas = torch.full((len(sizes), 3, 40, 50), 255, dtype=torch.uint8)
+    for k, (hh, ww) in enumerate(sizes.tolist()):
+        canvas[k, :, :hh, :ww] = 0                                   # image black, padding white
+    views = aug(canvas, make_gen(1), sizes)
+    assert torch.equal(views, torch.full_like(views, -1.0))        # (0 - 0.5) / 0.5 everywhere
+
+
+def test_sizes_equal_to_the_canvas_change_nothing():
+    x = torch.randint(0, 256, (6, 3, 24, 24), generator=make_gen(0), dtype=torch.uint8)
+    aug = BatchAugment(ViewConfig(size=16))
+    same = aug(x, make_gen(3), torch.tensor([[24, 24]] * 6))
+    assert torch.equal(same, aug(x, make_gen(3)))
+
+
+def test_per_image_fallback_matches_torchvision():
+    # no candidate fits a 20x64 image at scale >= 0.9: torchvision's centre-crop fallback, per image
+    cfg = ViewConfig(scale=(0.9, 1.0))
+    sizes = torch.tensor([[20, 64], [64, 20]])
+    p = BatchAugment(cfg).sample_params(2, sizes[:, 0], sizes[:, 1], make_gen(0))
+    for k, (h, w) in enumerate(sizes.tolist()):
+        torch.manual_seed(0)
+        want = RandomResizedCrop.get_params(torch.empty(3, h, w), list(cfg.scale), list(cfg.ratio))
+        assert tuple(int(p[key][k]) for key in ("top", "left", "height", "width")) == want
+
+
+def test_bad_sizes_are_refused():
+    x = torch.zeros(2, 3, 10, 10, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="canvas"):
+        BatchAugment(ViewConfig(size=8))(x, make_gen(0), torch.tensor([[10, 10], [11, 10]]))

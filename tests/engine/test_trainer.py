@@ -275,9 +275,9 @@ def test_batches_with_bad_files_are_refilled_to_full_size(make_cfg, tmp_path, mo
     from keel.tasks.ssl.simclr import SimCLR
     orig = SimCLR.make_views
 
-    def spy(self, images, generator):
+    def spy(self, images, generator, image_sizes=None):
         sizes.append(len(images))
-        return orig(self, images, generator)
+        return orig(self, images, generator, image_sizes)
 
     monkeypatch.setattr(SimCLR, "make_views", spy)
     result = pretrain(cfg, tmp_path / "run", quiet=True)

@@ -4,15 +4,24 @@
 a JPEG without its end-of-image marker rejected, alpha composited on white, 16/32-bit grey
 stretched to 8 bits) or raises :class:`~keel.data.errors.BadImageError`;
 :func:`_resize_center_crop` and :func:`_pil_to_tensor` turn the result into a square
-``(3, size, size)`` uint8 tensor.
+``(3, size, size)`` uint8 tensor (evaluation's view of an image).
+
+Training sees the whole image instead: :func:`decode_whole` keeps the aspect ratio and scales
+the shorter side to :func:`train_side`. Each file is read once; a JPEG much larger than needed
+is decoded at a reduced size (Pillow's ``draft``: libjpeg scales while it decodes), the others
+through libjpeg-turbo (``torchvision.io.decode_jpeg``) and every other format through Pillow.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from keel.data.errors import BadImageError
@@ -63,7 +72,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _check_jpeg_end(path: str | os.PathLike) -> None:
+def _check_jpeg_end(path: str | os.PathLike, data: bytes | None = None) -> None:
     """Reject a JPEG whose scan never reaches an end-of-image marker.
 
     libjpeg stops quietly (filling the rest with grey) when garbage in the
@@ -71,26 +80,32 @@ def _check_jpeg_end(path: str | os.PathLike) -> None:
     a missing EOI after the first start-of-scan is how they give themselves away.
     Entropy-coded data cannot contain FF D9, so this never rejects a valid file.
     """
-    with open(path, "rb") as fh:
-        data = fh.read()
+    if data is None:
+        with open(path, "rb") as fh:
+            data = fh.read()
     start_of_scan = data.find(b"\xff\xda")
     if start_of_scan < 0 or data.find(b"\xff\xd9", start_of_scan) < 0:
         raise OSError("JPEG data is truncated or corrupt (no end-of-image marker)")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, data: bytes | None = None,
+               draft: tuple[int, int] | None = None) -> Image.Image:
     """Open any Pillow-readable file and return a fully decoded RGB image.
 
     EXIF orientation is applied; alpha is composited on white; 16/32-bit
     grey and float images are stretched over their own min..max range.
     Raises :class:`BadImageError` for anything that cannot be fully decoded
     (corrupt or truncated data, empty or non-image files, decompression bombs).
+    ``data``: the file's bytes, already read (``path`` then only names it in errors).
+    ``draft``: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale at least this (w, h).
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
             im.load()
             if im.format in ("JPEG", "MPO"):
-                _check_jpeg_end(path)
+                _check_jpeg_end(path, data)
             try:
                 oriented = ImageOps.exif_transpose(im)
             except Exception:  # broken EXIF block: the pixels are still fine
@@ -142,3 +157,79 @@ def count_decodable(paths, limit: int = 5000) -> int | None:
         except BadImageError:
             pass
     return good
+
+
+# ----------------------------------------------------------------------------
+# Training: the whole image, aspect kept
+# ----------------------------------------------------------------------------
+
+MAX_ASPECT = 2.0    # the longer side is kept within 2x the shorter's target: a panorama cannot
+                    # blow up the batch's canvas (every image of a batch is padded to the largest)
+
+
+def train_side(img_size: int) -> int:
+    """Shorter side training images are decoded at: 256 for 224-px views (as ``keel shards``
+    stores them), so a random resized crop over the whole image is drawn from real pixels."""
+    return max(img_size, round(img_size * 8 / 7))
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _decode_jpeg_tv(data: bytes, device: str = "cpu") -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():   # torchvision 0.29 points to torchcodec; the decoder still works
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities.*")
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                           apply_exif_orientation=True, device=device)
+
+
+def fitted_size(h: int, w: int, side: int) -> tuple[int, int]:
+    """(h, w) scaled so the shorter side is ``side`` and the longer at most ``MAX_ASPECT * side``;
+    never enlarged."""
+    scale = min(side / min(h, w), MAX_ASPECT * side / max(h, w))
+    if scale >= 1.0:
+        return int(h), int(w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def fit_side(image: torch.Tensor, side: int) -> torch.Tensor:
+    """(3, h, w) uint8 scaled (antialiased) so the shorter side is ``side`` and the longer at most
+    ``MAX_ASPECT * side``; never enlarged."""
+    size = fitted_size(*image.shape[-2:], side)
+    if size == tuple(image.shape[-2:]):
+        return image
+    # 4-D: the uint8 antialiased kernel (a 3-D tensor takes a path 50x slower)
+    return F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", antialias=True)[0]
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise BadImageError(f"cannot read image '{os.fspath(path)}': {exc.strerror or exc}") from exc
+
+
+def decode_whole(path: str | os.PathLike, side: int, data: bytes | None = None) -> torch.Tensor:
+    """The whole image as uint8 (3, h, w), aspect kept, scaled by :func:`fit_side`; raises
+    :class:`BadImageError` like :func:`load_image` (every file it rejects is rejected here)."""
+    if data is None:
+        data = read_file(path)
+    if _is_jpeg(data):
+        try:
+            _check_jpeg_end(path, data)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except Exception as exc:
+            raise BadImageError(f"cannot decode image '{os.fspath(path)}': {exc}") from exc
+        short = min(w, h)
+        if short >= 2 * side:   # libjpeg decodes at 1/2, 1/4 or 1/8 scale: a fraction of the work
+            want = (math.ceil(w * side / short), math.ceil(h * side / short))
+            return fit_side(_pil_to_tensor(load_image(path, data, draft=want)), side)
+        try:
+            return fit_side(_decode_jpeg_tv(data), side)
+        except RuntimeError:    # what libjpeg-turbo refuses, Pillow judges (and names the reason)
+            pass
+    return fit_side(_pil_to_tensor(load_image(path, data)), side)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
+from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
 from keel.data.errors import BadImageError, DataError, _check_img_size
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "collate_skip"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "collate_skip", "pad_images"]
 
 
 # ----------------------------------------------------------------------------
@@ -123,8 +123,11 @@ class ImageFolder(Dataset):
     ``root``; ``classes`` are sorted (or given, to share an index between
     splits). ``labeled=False``: every label is -1.
 
-    ``__getitem__`` returns ``(uint8 (3, img_size, img_size), label, index)``
-    or ``(None, label, index)`` when the file cannot be decoded.
+    ``__getitem__`` returns ``(uint8 (3, img_size, img_size), label, index)`` or, when the file
+    cannot be decoded, ``(reason, label, index)``. ``whole=True`` (training) keeps the whole image
+    instead: ``(3, h, w)`` with the aspect ratio kept and the shorter side at
+    :func:`~keel.data.decode.train_side` (``img_size * 8/7``), so random resized crops can be drawn
+    over all of it; :func:`collate_skip` pads such images into one canvas and records their sizes.
     """
 
     def __init__(
@@ -135,8 +138,10 @@ class ImageFolder(Dataset):
         classes: Sequence[str] | None = None,
         name: str | None = None,
         paths: Sequence[str] | None = None,
+        whole: bool = False,
     ):
         root = os.fspath(root)
+        self.whole = bool(whole)
         _check_img_size(img_size)
         if not os.path.isdir(root):
             raise DataError(f"data path '{root}' is not a folder")
@@ -171,6 +176,8 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int]:
         label = int(self.labels[i])
         try:
+            if self.whole:
+                return decode_whole(self.paths[i], train_side(self.img_size)), label, int(i)
             im = load_image(self.paths[i])
         except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
             return _reason(e, self.paths[i]), label, int(i)
@@ -189,7 +196,7 @@ class ImageFolder(Dataset):
     def __repr__(self) -> str:
         return (
             f"ImageFolder(root={self.root!r}, n={len(self)}, img_size={self.img_size}, "
-            f"labeled={self.labeled}, classes={len(self.classes)})"
+            f"labeled={self.labeled}, classes={len(self.classes)}{', whole' if self.whole else ''})"
         )
 
 
@@ -202,13 +209,15 @@ def _reason(e: BadImageError, path: str) -> str:
 def collate_skip(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tensor]:
     """Collate ``(image, label, index)`` items, dropping those whose image is None or, from a
     dataset that says why, a string (their indices go to ``"skipped"``, the reasons to
-    ``"reasons"``). Labels are ints (-> ``(B,)`` int64) or tensors of one shape (multi-hot,
+    ``"reasons"``); images of several sizes are padded into one canvas (see :func:`pad_images`) with
+    ``"sizes"``. Labels are ints (-> ``(B,)`` int64) or tensors of one shape (multi-hot,
     (primary, secondary) pairs), stacked; an all-bad batch keeps the label shape with 0 rows."""
     good = [item for item in batch if isinstance(item[0], torch.Tensor)]
     bad = [item for item in batch if not isinstance(item[0], torch.Tensor)]
     skipped = torch.tensor([int(item[2]) for item in bad], dtype=torch.int64)
+    sizes = None
     if good:
-        images = torch.stack([item[0] for item in good])
+        images, sizes = pad_images([item[0] for item in good])
     else:
         images = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
     as_tensor = [torch.as_tensor(item[1]) for item in batch]
@@ -218,10 +227,27 @@ def collate_skip(batch: Sequence[tuple[Any, Any, int]]) -> dict[str, torch.Tenso
         labels = as_tensor[0].new_empty((0, *as_tensor[0].shape))
     else:
         labels = torch.empty((0,), dtype=torch.int64)
-    return {
+    out = {
         "images": images,
         "labels": labels,
         "index": torch.tensor([int(item[2]) for item in good], dtype=torch.int64),
         "skipped": skipped,
         "reasons": [item[0] if isinstance(item[0], str) else "cannot decode" for item in bad],
     }
+    if sizes is not None:
+        out["sizes"] = sizes
+    return out
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack (3, h, w) images; when their sizes differ, into a zero canvas of the largest height and
+    width, each top-left, with ``sizes`` (B, 2) their own (h, w) (else None: the stack says it)."""
+    shapes = {tuple(im.shape[-2:]) for im in images}
+    if len(shapes) == 1:
+        return torch.stack(list(images)), None
+    height = max(s[0] for s in shapes)
+    width = max(s[1] for s in shapes)
+    canvas = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    for k, im in enumerate(images):
+        canvas[k, :, :im.shape[-2], :im.shape[-1]] = im
+    return canvas, torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int64)

@@ -220,8 +220,8 @@ class RecipeAugment:
         self.randaugment = RandAugment(randaugment, fill=fill) if randaugment else None
         self.erasing = RandomErasing(reprob) if reprob > 0 else None
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        x = self.crop(images, generator)
+    def __call__(self, images: Tensor, generator: torch.Generator | None, sizes: Tensor | None = None) -> Tensor:
+        x = self.crop(images, generator, sizes)
         if self.randaugment is not None:
             x = self.randaugment(x.mul(255).round_().clamp_(0, 255).to(torch.uint8), generator)
         x = normalize(x, self.view.mean, self.view.std)

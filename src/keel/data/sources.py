@@ -22,7 +22,9 @@ The public names of those modules are importable from here too, as they always w
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from keel.data.builtins import (  # noqa: F401  (re-exported)
 )
 from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image  # noqa: F401
 from keel.data.errors import BadImageError, DataError, _check_img_size  # noqa: F401
+from keel.data.shards import ShardSource, is_shards
 from keel.data.folders import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -89,13 +92,13 @@ def _split_dirs(folder: str) -> dict[str, str]:
     return found
 
 
-def _build_folder(source: str, split: str, img_size: int, labeled: bool) -> ImageFolder:
+def _build_folder(source: str, split: str, img_size: int, labeled: bool, file_list=None) -> ImageFolder:
     if not os.path.isdir(source):
         raise DataError(f"data path '{source}' is a file, not a folder of images")
     name = os.path.basename(os.path.abspath(source)) or source
     splits = _split_dirs(source)
     if not splits:
-        return ImageFolder(source, img_size, labeled, name=name)
+        return ImageFolder(source, img_size, labeled, name=name, paths=_cached_files(source, file_list))
     if split not in splits:
         have = ", ".join(f"'{os.path.basename(p)}'" for p in splits.values())
         want = " or ".join(f"'{c}'" for c in _SPLIT_FOLDERS[split])
@@ -111,7 +114,31 @@ def _build_folder(source: str, split: str, img_size: int, labeled: bool) -> Imag
                 union.update(_check_labeled(other, paths))
         classes = sorted(union)
         _check_enough_classes(root, classes)
-    return ImageFolder(root, img_size, labeled, classes=classes, name=name)
+    return ImageFolder(root, img_size, labeled, classes=classes, name=name, paths=_cached_files(root, file_list))
+
+
+def _cached_files(root: str, file_list) -> list[str] | None:
+    """The image files under ``root`` from ``file_list`` (a JSON file of paths relative to root),
+    or found now and written there; None without a ``file_list`` (ImageFolder walks the folder)."""
+    if file_list is None:
+        return None
+    file_list, root = Path(file_list), os.path.abspath(root)
+    if file_list.is_file():
+        try:
+            saved = json.loads(file_list.read_text())
+            if saved.get("root") == root:
+                return [os.path.join(root, f) for f in saved["files"]]
+        except (ValueError, KeyError, AttributeError):
+            pass        # damaged: walk the folder again and rewrite it
+    paths = _scan_images(root)
+    if not paths:
+        raise DataError(f"no image files found under '{root}'")
+    # whole or not at all: another process of the run may read it while this one writes
+    file_list.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file_list.with_name(f".{file_list.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"root": root, "files": [os.path.relpath(p, root) for p in paths]}))
+    os.replace(tmp, file_list)
+    return paths
 
 
 def build_dataset(
@@ -121,13 +148,15 @@ def build_dataset(
     labeled: bool = False,
     subset: int = 0,
     seed: int = 0,
+    file_list: str | os.PathLike | None = None,
 ) -> InMemoryImages | ImageFolder:
     """Dataset for a built-in name (see :func:`builtin_names`) or a folder path.
 
     ``split`` is "train" or "test" ("val" means "test"). A folder with
     train/test (or val) sub-folders uses the matching one; otherwise the
     whole folder is used whatever the split. ``subset > 0`` keeps that many
-    items chosen at random (deterministic for a given ``seed``).
+    items chosen at random (deterministic for a given ``seed``). ``file_list``: a folder's files
+    are read from this JSON file, or found and written there (see :func:`training_data`).
     Raises :class:`DataError` with a one-line message when unusable.
     """
     key = str(split).lower()
@@ -145,7 +174,7 @@ def build_dataset(
     elif os.path.isdir(os.path.expanduser(source)) and is_fashion_dir(os.path.expanduser(source)):
         dataset = _load_fashion(split, int(img_size), os.path.expanduser(source))
     elif os.path.exists(os.path.expanduser(source)):
-        dataset = _build_folder(os.path.expanduser(source), split, int(img_size), labeled)
+        dataset = _build_folder(os.path.expanduser(source), split, int(img_size), labeled, file_list)
     else:
         raise DataError(
             f"data path '{source}' does not exist (and is not a built-in dataset: {', '.join(builtin_names())})"
@@ -155,6 +184,25 @@ def build_dataset(
         generator = torch.Generator().manual_seed(int(seed))
         keep = torch.randperm(len(dataset), generator=generator)[:subset].sort().values
         dataset = dataset.subset(keep)
+    return dataset
+
+
+def training_data(source: str, img_size: int, crop_from: str = "whole", subset: int = 0, seed: int = 0,
+                  shuffle_buffer: int = 4096, file_list: str | os.PathLike | None = None):
+    """What a training job reads: shards (``shards:PATH``, see :mod:`keel.data.shards`), or the
+    train split of a built-in or folder. ``crop_from="whole"``: folder images keep their aspect
+    ratio (random crops are drawn over the whole image); "center": the centre square, as
+    evaluation sees it. ``file_list``: a folder's list of files, cached there on the first call
+    and read back after (a large folder is walked once; a resumed run sees the same files)."""
+    if crop_from not in ("whole", "center"):
+        raise DataError(f"data.crop_from must be whole or center, got {crop_from!r}")
+    if is_shards(source):
+        if subset:
+            raise DataError("data.subset does not apply to shards: make a smaller set with keel shards")
+        return ShardSource(source, img_size, shuffle_buffer, whole=crop_from == "whole")
+    dataset = build_dataset(source, "train", img_size, labeled=False, subset=subset, seed=seed, file_list=file_list)
+    if isinstance(dataset, ImageFolder):
+        dataset.whole = crop_from == "whole"
     return dataset
 
 

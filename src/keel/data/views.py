@@ -202,11 +202,15 @@ class BatchAugment(torch.nn.Module):
         return repr(self.cfg)
 
     # ------------------------------------------------------------------ params
-    def _sample_crops(self, n: int, height: int, width: int, generator) -> tuple[Tensor, ...]:
-        """Vectorised torchvision RandomResizedCrop.get_params: (top, left, h, w), float64."""
+    def _sample_crops(self, n: int, height, width, generator) -> tuple[Tensor, ...]:
+        """Vectorised torchvision RandomResizedCrop.get_params: (top, left, h, w), float64.
+        ``height``/``width``: the image side, or one per image ((n,) tensors) when the images of a
+        batch have their own sizes (padded into one canvas, see :func:`keel.data.folders.collate_skip`)."""
         cfg = self.cfg
         device = generator.device if generator is not None else "cpu"
-        area = float(height * width)
+        height = torch.as_tensor(height, dtype=torch.float64, device=device).expand(n)
+        width = torch.as_tensor(width, dtype=torch.float64, device=device).expand(n)
+        area = (height * width).view(n, 1)
         log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
         shape = (n, _CROP_TRIES)
         frac = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
@@ -217,7 +221,7 @@ class BatchAugment(torch.nn.Module):
         # torch.round and Python's round() both round half to even.
         w = torch.round(torch.sqrt(target * aspect))
         h = torch.round(torch.sqrt(target / aspect))
-        valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        valid = (w > 0) & (w <= width.view(n, 1)) & (h > 0) & (h <= height.view(n, 1))
         first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # first valid candidate
         found = valid.any(dim=1)
         w = w.gather(1, first).squeeze(1)
@@ -225,26 +229,24 @@ class BatchAugment(torch.nn.Module):
 
         # Fallback (no valid candidate in 10 tries): centre crop with the ratio clamped.
         in_ratio = width / height
-        if in_ratio < min(cfg.ratio):
-            fw, fh = width, int(round(width / min(cfg.ratio)))
-        elif in_ratio > max(cfg.ratio):
-            fw, fh = int(round(height * max(cfg.ratio))), height
-        else:
-            fw, fh = width, height
-        w = torch.where(found, w, torch.full_like(w, fw))
-        h = torch.where(found, h, torch.full_like(h, fh))
+        lo, hi = min(cfg.ratio), max(cfg.ratio)
+        fw = torch.where(in_ratio > hi, torch.round(height * hi), width)
+        fh = torch.where(in_ratio < lo, torch.round(width / lo), height)
+        w = torch.where(found, w, fw)
+        h = torch.where(found, h, fh)
 
         # Uniform integer offsets, like torch.randint(0, H - h + 1).
         u_top = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         u_left = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)
         left = torch.minimum(torch.floor(u_left * (width - w + 1)), width - w)
-        top = torch.where(found, top, torch.full_like(top, float((height - fh) // 2)))
-        left = torch.where(found, left, torch.full_like(left, float((width - fw) // 2)))
+        top = torch.where(found, top, torch.div(height - fh, 2, rounding_mode="floor"))
+        left = torch.where(found, left, torch.div(width - fw, 2, rounding_mode="floor"))
         return top, left, h, w
 
-    def sample_params(self, n: int, height: int, width: int, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
+    def sample_params(self, n: int, height, width, generator: Optional[torch.Generator]) -> dict[str, Tensor]:
         """All per-image random parameters, on the generator's device (normally CPU).
+        ``height``/``width``: ints, or (n,) tensors of each image's own size (see ``forward``).
 
         Keys: ``top``, ``left``, ``height``, ``width`` (crop box in input pixels,
         float32), ``flip`` (bool), ``jitter`` (bool), ``brightness``,
@@ -253,7 +255,7 @@ class BatchAugment(torch.nn.Module):
         The draws always happen in the same order and number, whatever the
         probabilities, so streams stay aligned across configs.
         """
-        if height <= 0 or width <= 0:
+        if bool((torch.as_tensor(height) <= 0).any() or (torch.as_tensor(width) <= 0).any()):
             raise ValueError(f"bad image size {height}x{width}")
         cfg = self.cfg
         top, left, h, w = self._sample_crops(n, height, width, generator)
@@ -373,14 +375,30 @@ class BatchAugment(torch.nn.Module):
 
         return normalize(x, self.cfg.mean, self.cfg.std)
 
-    def forward(self, images: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        params = self.sample_params(len(images), images.shape[-2], images.shape[-1], generator)
+    def forward(self, images: Tensor, generator: Optional[torch.Generator], sizes: Optional[Tensor] = None) -> Tensor:
+        """``sizes``: (B, 2) each image's own (height, width) when the batch pads images of several
+        sizes into one canvas (top-left aligned): every crop is drawn over that image, all of it."""
+        height, width = image_sizes(images, sizes)
+        params = self.sample_params(len(images), height, width, generator)
         return self.apply(images, params)
 
 
-def two_views(augment: BatchAugment, images: Tensor, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+def image_sizes(images: Tensor, sizes: Optional[Tensor]) -> tuple:
+    """(heights, widths) of a batch for crop sampling: the canvas's ints, or (B,) tensors."""
+    if sizes is None:
+        return images.shape[-2], images.shape[-1]
+    sizes = sizes.cpu()
+    if sizes.shape != (len(images), 2):
+        raise ValueError(f"sizes must be ({len(images)}, 2), got {tuple(sizes.shape)}")
+    if bool((sizes[:, 0] > images.shape[-2]).any() or (sizes[:, 1] > images.shape[-1]).any()):
+        raise ValueError(f"an image size in sizes is larger than the {tuple(images.shape[-2:])} canvas")
+    return sizes[:, 0], sizes[:, 1]
+
+
+def two_views(augment: BatchAugment, images: Tensor, generator: Optional[torch.Generator],
+              sizes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Two independently augmented views of the same batch (drawn one after the other)."""
-    return augment(images, generator), augment(images, generator)
+    return augment(images, generator, sizes), augment(images, generator, sizes)
 
 
 def local_crop_size(img_size: int) -> int:
@@ -390,12 +408,14 @@ def local_crop_size(img_size: int) -> int:
 
 
 def multi_crop(global_augment: BatchAugment, local_augment: BatchAugment | None, images: Tensor,
-               generator: Optional[torch.Generator], n_global: int = 2, n_local: int = 0) -> list[Tensor]:
+               generator: Optional[torch.Generator], n_global: int = 2, n_local: int = 0,
+               sizes: Optional[Tensor] = None) -> list[Tensor]:
     """SwAV's multi-crop: ``n_global`` large views then ``n_local`` small ones, each (B, 3, s, s),
-    drawn one after the other from ``generator`` (so the stream is the same on every device)."""
-    views = [global_augment(images, generator) for _ in range(n_global)]
+    drawn one after the other from ``generator`` (so the stream is the same on every device);
+    every crop, local ones included, is drawn over the whole image (``sizes``: see BatchAugment)."""
+    views = [global_augment(images, generator, sizes) for _ in range(n_global)]
     if n_local:
         if local_augment is None:
             raise ValueError("n_local > 0 needs a local_augment")
-        views += [local_augment(images, generator) for _ in range(n_local)]
+        views += [local_augment(images, generator, sizes) for _ in range(n_local)]
     return views

@@ -91,6 +91,20 @@ class Trainer:
         """This process's contiguous share of a global batch (near-equal parts)."""
         return batch.tensor_split(self.dist.world_size)[self.dist.rank]
 
+    def batches(self, data, epoch: int, skip: int, resident=None):
+        """This process's batches of ``epoch`` from step ``skip`` on, each with its ``global_size``."""
+        tc, nw = self.cfg.train, self.cfg.data.num_workers
+        if hasattr(data, "stream"):
+            yield from data.stream(epoch, skip, tc.batch_size, tc.seed, self.dist.rank, self.dist.world_size,
+                                   self.device, nw, skipped=self.skipped)
+            return
+        batches = self.epoch_batches(len(data), epoch)[skip:]
+        loaded = load_batches(data, [self.share(b) for b in batches], self.device, nw, refill=True,
+                              skipped=self.skipped, resident=resident)
+        for idx, batch in zip(batches, loaded):
+            batch["global_size"] = len(idx)
+            yield batch
+
     # ---------------------------------------------------------------- the loop
     def fit(self, task: Task, data, hooks=(), init_from: str | Path | None = None) -> dict:
         """Train ``task`` on ``data``. ``init_from``: a previous stage's run directory whose weights
@@ -110,7 +124,12 @@ class Trainer:
             if self.is_main and not self.quiet:
                 print(f"train.batch_size: {fit} instead of {tc.batch_size}, the data has {len(data)} images")
             tc.batch_size = fit
-        spe = self.steps_per_epoch(len(data))
+        if hasattr(data, "stream"):   # shards: every process reads its own part, in whole batches
+            if tc.batch_size % world:
+                raise TrainingError(f"train.batch_size {tc.batch_size} is not divisible by {world} processes")
+            spe = data.steps_per_epoch(tc.batch_size)
+        else:
+            spe = self.steps_per_epoch(len(data))
         total_steps = tc.epochs * spe
         warmup_steps = round(tc.warmup_epochs * spe)
         if warmup_steps > tc.warmup_max_fraction * total_steps:
@@ -185,12 +204,8 @@ class Trainer:
         try:
             while step < max_steps:
                 epoch, skip = divmod(step, spe)
-                batches = self.epoch_batches(len(data), epoch)[skip:]
-                shares = [self.share(b) for b in batches]
                 task.train_mode()
-                loaded = load_batches(data, shares, self.device, cfg.data.num_workers, refill=True,
-                                      skipped=self.skipped, resident=resident)
-                for batch_idx, batch in zip(batches, loaded):
+                for batch in self.batches(data, epoch, skip, resident):
                     rng = StepRNG(own=torch.Generator().manual_seed(D.seed_for(tc.seed, step, self.dist.rank)),
                                   shared=torch.Generator().manual_seed(D.seed_for(tc.seed, step)))
                     torch.manual_seed(D.seed_for(tc.seed, step, self.dist.rank, 1))
@@ -206,19 +221,19 @@ class Trainer:
                             if d:
                                 g["weight_decay"] = cur_wd
                     task.on_step_start(step, spe, total_steps)
-                    batch["global_size"] = len(batch_idx)
+                    n_global = batch["global_size"]
                     with torch.no_grad():
                         batch = task.make_batch(batch, rng)
                     with self.autocast():
                         out = model(batch)
                     loss = out["loss"]
-                    n_own = len(self.share(batch_idx))
-                    if world > 1 and n_own * world != len(batch_idx):
+                    n_own = len(range(self.dist.rank, n_global, world))   # this process's share
+                    if world > 1 and n_own * world != n_global:
                         # Each process's loss is the mean over its share and DDP averages the
                         # gradients: weighted by the share's part of the batch (shares differ by
                         # an image when the batch does not divide), the average is the gradient
                         # of the whole batch's mean loss, as one process computes it.
-                        weight = world * n_own / len(batch_idx)
+                        weight = world * n_own / n_global
                         loss = loss * weight
                         out = {k: v * weight if torch.is_tensor(v) else v for k, v in out.items()}
                     optimizer.zero_grad(set_to_none=True)
@@ -238,7 +253,7 @@ class Trainer:
                         v = torch.as_tensor(v, device=self.device).detach().float()
                         sums[k] = sums[k] + v if k in sums else v
                     count += 1
-                    img_log += len(batch_idx)
+                    img_log += n_global
                     step += 1
                     self.step, self.epoch = step, step // spe
                     for h in self.hooks:
@@ -367,10 +382,11 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
     def _finish(self, data) -> None:
-        if self.skipped and getattr(data, "paths", None) is not None:
-            (self.run_dir / "skipped.txt").write_text("".join(f"{data.paths[i]}\t{why}\n" for i, why in sorted(self.skipped.items())))
+        name_of = getattr(data, "name_of", None) or (data.paths.__getitem__ if getattr(data, "paths", None) is not None else None)
+        if self.skipped and name_of is not None:
+            (self.run_dir / "skipped.txt").write_text("".join(f"{name_of(i)}\t{why}\n" for i, why in sorted(self.skipped.items())))
         plot_run(self.history, self.run_dir / "curves.png", main_metric=self.task.main_metric)
-        if not self.quiet and getattr(data, "paths", None) is not None:
+        if not self.quiet and name_of is not None:
             print(f"{len(self.skipped)} files skipped" + (f" (list in {self.run_dir / 'skipped.txt'})" if self.skipped else ""))
 
 

@@ -31,7 +31,7 @@ from keel import hub
 from keel.config import ConfigError, FinetuneConfig, load_config, override, to_dict
 from keel.data.labels import LabeledCSV
 from keel.data.recipes import parse_randaugment
-from keel.data.sources import DataError, labeled_splits
+from keel.data.sources import DataError, ImageFolder, is_shards, labeled_splits
 from keel.engine import distributed as D
 from keel.engine.checkpoint import save_weights, write_json
 from keel.engine.hooks import EMAHook, EvalHook
@@ -224,8 +224,15 @@ def labeled_data(cfg: FinetuneConfig):
     two-level; its test split is ``data.test_source`` or every 5th row. Anything else is
     single-label classification (objective None: :func:`finetune` builds it from the labels)."""
     src, size = cfg.data.source, cfg.data.img_size
+    if is_shards(src):
+        raise DataError("fine-tuning reads image folders, label CSVs and built-ins; shards (data.source=shards:...) "
+                        "are for keel pretrain")
+    if cfg.data.crop_from not in ("whole", "center"):
+        raise DataError(f"data.crop_from must be whole or center, got {cfg.data.crop_from!r}")
     if not str(src).lower().endswith(".csv"):
         train, test = labeled_splits(src, size)
+        if isinstance(train, ImageFolder):     # training crops over the whole image; the test split stays centred
+            train.whole = cfg.data.crop_from == "whole"
         return train, test, None
     train = LabeledCSV(src, size)
     if train.kind == "multilabel":

@@ -9,7 +9,7 @@ import torch
 
 from keel.config import ConfigError, RunConfig, override, save_config, to_dict
 from keel.data.decode import count_decodable
-from keel.data.sources import DataError, build_dataset, labeled_splits
+from keel.data.sources import DataError, is_shards, labeled_splits, training_data
 from keel.engine import distributed as D
 from keel.engine.checkpoint import export_backbone
 from keel.engine.hooks import EMAHook, KnnMonitor
@@ -108,6 +108,8 @@ def export_run(cfg: RunConfig, method, n_images: int, result: dict, steps_per_ep
 
 def _count(data) -> str:
     """'1797 images', or for files '13 files, 6 decodable' (the others are skipped and listed)."""
+    if hasattr(data, "shards"):
+        return f"{len(data)} images in {len(data.shards)} shards"
     if getattr(data, "paths", None) is None:
         return f"{len(data)} images"
     good = count_decodable(data.paths)
@@ -117,9 +119,9 @@ def _count(data) -> str:
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     check_pooling(cfg)
-    data = build_dataset(cfg.data.source, "train", cfg.data.img_size, labeled=False,
-                         subset=cfg.data.subset, seed=cfg.train.seed)
-    splits = monitor_data(cfg) if cfg.train.knn_every else None
+    data = training_data(cfg.data.source, cfg.data.img_size, cfg.data.crop_from, cfg.data.subset, cfg.train.seed,
+                         cfg.data.shuffle_buffer, file_list=Path(run_dir) / "files.json")
+    splits = monitor_data(cfg) if cfg.train.knn_every and not is_shards(cfg.data.source) else None
     hooks = [KnnMonitor(splits, cfg.train.knn_every, cfg.data.img_size, max(cfg.eval.knn_k), cfg.eval.knn_t,
                         cfg.train.knn_subset, cfg.eval.batch_size)] if splits else []
     torch.manual_seed(cfg.train.seed)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from keel.config import FinetuneConfig
 from keel.data.batches import load_batches
 from keel.data.recipes import MixupCutmix, RecipeAugment
-from keel.data.views import BatchAugment, ViewConfig
+from keel.data.views import BatchAugment, ViewConfig, image_sizes
 from keel.engine import distributed as D
 from keel.engine.optim import layer_decay_param_groups, layer_id_of, num_layers
 from keel.evaluate.frozen import make_eval_transform
@@ -173,11 +173,18 @@ class SupervisedTask(Task):
         images = batch["images"]
         if isinstance(self.augment, BatchAugment):
             # parameters for the whole global batch from the shared stream, this process's rows applied
-            params = self.augment.sample_params(batch["global_size"], images.shape[-2], images.shape[-1], rng.shared)
+            sizes = batch.get("sizes")
+            if sizes is None:
+                params = self.augment.sample_params(batch["global_size"], images.shape[-2], images.shape[-1], rng.shared)
+            else:   # images of their own sizes (one canvas): every crop over its own image
+                image_sizes(images, sizes)     # checked against this process's canvas
+                # the shared stream draws for the global batch, so it needs every process's sizes
+                every = D.all_gather_cat(sizes.to(images.device)).cpu()
+                params = self.augment.sample_params(batch["global_size"], every[:, 0], every[:, 1], rng.shared)
             if D.world_size() > 1:
                 params = {k: v.tensor_split(D.world_size())[D.rank()] for k, v in params.items()}
             return self.augment.apply(images, params)
-        return self.augment(images, rng.own)
+        return self.augment(images, rng.own, batch.get("sizes"))
 
     def training_step(self, batch) -> dict:
         x, targets, teacher_logits = batch

@@ -34,5 +34,7 @@ class MultiCrop(torch.nn.Module):
         self.local_augment = BatchAugment(replace(base, size=self.local_size,
                                                   scale=(a.local_scale_min, a.local_scale_max))) if self.n_local else None
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None) -> list[torch.Tensor]:
-        return multi_crop(self.global_augment, self.local_augment, images, generator, self.n_global, self.n_local)
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None,
+                sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return multi_crop(self.global_augment, self.local_augment, images, generator, self.n_global, self.n_local,
+                          sizes)

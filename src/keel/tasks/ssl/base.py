@@ -2,7 +2,8 @@
 heads, loss and views of one way to pretrain it.
 
 A method makes its views from the batch's images with this process's generator
-(``make_views(images_uint8_on_device, generator)``, outside autocast, no grad) and its
+(``make_views(images_uint8_on_device, generator, sizes)``, outside autocast, no grad; ``sizes``:
+each image's own (h, w) when images of several sizes share a padded canvas, else None) and its
 ``training_step(views)`` returns ``{"loss": ..., **logs}``; the step hooks are the Task's.
 """
 from __future__ import annotations
@@ -34,9 +35,9 @@ class Method(Task):
         return value
 
     def make_batch(self, batch: dict, rng: StepRNG):
-        return self.make_views(batch["images"], rng.own)
+        return self.make_views(batch["images"], rng.own, batch.get("sizes"))
 
-    def make_views(self, images: torch.Tensor, generator: torch.Generator):
+    def make_views(self, images: torch.Tensor, generator: torch.Generator, sizes: torch.Tensor | None = None):
         raise NotImplementedError  # abstract: every method defines its views
 
 

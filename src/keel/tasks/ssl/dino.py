@@ -162,8 +162,8 @@ class DINO(Method):
         self.register_buffer("teacher_temp", torch.tensor(float(m.warmup_teacher_temp)), persistent=False)
         self.register_buffer("momentum", torch.tensor(float(self.base_momentum)), persistent=False)
 
-    def make_views(self, images, generator):
-        return self.crops(images, generator)
+    def make_views(self, images, generator, sizes=None):
+        return self.crops(images, generator, sizes)
 
     def export_backbone(self) -> nn.Module:
         # DINO's paper evaluates (and releases) the teacher: the EMA of the student is the better model.

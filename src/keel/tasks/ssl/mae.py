@@ -220,8 +220,8 @@ class MAE(Method):
         device = generator.device if generator is not None else "cpu"
         return torch.rand(len(x), h * w, generator=generator, device=device).to(x.device)
 
-    def make_views(self, images, generator):
-        x = self.augment(images, generator)
+    def make_views(self, images, generator, sizes=None):
+        x = self.augment(images, generator, sizes)
         return x, self._noise(x, generator)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:

@@ -80,8 +80,8 @@ class MoCoV3(Method):
         self.momentum_projector = momentum_copy(self.projector)
         self.augment = BatchAugment(view_config(cfg))
 
-    def make_views(self, images, generator):
-        return two_views(self.augment, images, generator)
+    def make_views(self, images, generator, sizes=None):
+        return two_views(self.augment, images, generator, sizes)
 
     def training_step(self, views) -> dict:
         x1, x2 = views

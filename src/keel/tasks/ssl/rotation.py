@@ -42,8 +42,8 @@ class Rotation(Method):
         self.head = nn.Linear(backbone.num_features, 4)
         self.augment = BatchAugment(replace(view_config(cfg), jitter_p=0.0, gray_p=0.0))
 
-    def make_views(self, images, generator):
-        return rotate_four(self.augment(images, generator))
+    def make_views(self, images, generator, sizes=None):
+        return rotate_four(self.augment(images, generator, sizes))
 
     def training_step(self, views) -> dict:
         x, labels = views

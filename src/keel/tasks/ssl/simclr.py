@@ -61,8 +61,8 @@ class SimCLR(Method):
                                         self.opt("proj_dim"))
         self.augment = BatchAugment(view_config(cfg))
 
-    def make_views(self, images, generator):
-        return two_views(self.augment, images, generator)
+    def make_views(self, images, generator, sizes=None):
+        return two_views(self.augment, images, generator, sizes)
 
     def training_step(self, views) -> dict:
         x1, x2 = views

@@ -106,8 +106,8 @@ class SimMIM(Method):
                                   nn.PixelShuffle(self.stride))
         self.augment = BatchAugment(replace(view_config(cfg), jitter_p=0.0, gray_p=0.0, blur_p=0.0))
 
-    def make_views(self, images, generator):
-        x = self.augment(images, generator)
+    def make_views(self, images, generator, sizes=None):
+        x = self.augment(images, generator, sizes)
         H, W = x.shape[-2:]
         s = self.mask_patch_size
         if H % s or W % s:

@@ -46,8 +46,8 @@ class SimSiam(Method):
         self.predictor = mlp_head([out, self.opt("pred_hidden_dim"), out])
         self.augment = BatchAugment(view_config(cfg))
 
-    def make_views(self, images, generator):
-        return two_views(self.augment, images, generator)
+    def make_views(self, images, generator, sizes=None):
+        return two_views(self.augment, images, generator, sizes)
 
     def training_step(self, views) -> dict:
         x1, x2 = views

@@ -176,8 +176,8 @@ class SwAV(Method):
                 p.grad = None
 
     # ---------------------------------------------------------------- views and loss
-    def make_views(self, images, generator):
-        return self.multicrop(images, generator)
+    def make_views(self, images, generator, sizes=None):
+        return self.multicrop(images, generator, sizes)
 
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Projections of all crops, (len(views) * n, proj_dim), in the views' order.
