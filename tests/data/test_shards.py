@@ -130,6 +130,7 @@ def test_on_device_decoding_equals_the_worker_path(shards):
     from keel.data.folders import collate_skip
     dec = _Decoder(18, 16)
     by_device = dec.on_device(raw, torch.device("cpu"))      # the CUDA path (nvJPEG), run on the CPU
+    assert dec.fallbacks == 0                                 # one batched call, no per-file retry
     by_workers = collate_skip([dec[r] for r in raw])
     assert torch.equal(by_device["images"], by_workers["images"])
     assert torch.equal(by_device["sizes"], by_workers["sizes"])
@@ -161,3 +162,11 @@ def test_a_bad_sample_is_skipped_counted_and_its_batch_refilled(tmp_path):
     assert len(batch["images"]) == 4 and batch["labels"].tolist() == [1, 1, 1, 1]
     assert list(skipped) == [1] and "end-of-image" in skipped[1]
     assert src.name_of(1) == "shard-000000.tar/000000001"
+
+
+def test_on_device_decoding_falls_back_per_file_for_a_bad_one(tmp_path):
+    _tar_with_a_bad_sample(tmp_path / "bad")
+    src = ShardSource(f"shards:{tmp_path / 'bad'}", img_size=16, shuffle_buffer=1)
+    dec = _Decoder(18, 16)
+    batch = dec.on_device(next(src.raw_batches(0, 0, 4)), torch.device("cpu"))
+    assert dec.fallbacks == 1 and batch["skipped"].tolist() == [1] and len(batch["images"]) == 3

@@ -84,7 +84,8 @@ def _check_jpeg_end(path: str | os.PathLike, data: bytes | None = None) -> None:
         with open(path, "rb") as fh:
             data = fh.read()
     start_of_scan = data.find(b"\xff\xda")
-    if start_of_scan < 0 or data.find(b"\xff\xd9", start_of_scan) < 0:
+    # rfind: the marker normally closes the file, so this looks at its last bytes only
+    if start_of_scan < 0 or data.rfind(b"\xff\xd9", start_of_scan) < 0:
         raise OSError("JPEG data is truncated or corrupt (no end-of-image marker)")
 
 
@@ -177,12 +178,17 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
-def _decode_jpeg_tv(data: bytes, device: str = "cpu") -> torch.Tensor:
+def _decode_jpeg_tv(data: bytes | list[bytes], device: str = "cpu"):
+    """libjpeg-turbo on the CPU, EXIF orientation applied; a list of files on a CUDA device is one
+    batched nvJPEG call (which ignores EXIF orientation: keel shards store none)."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    def as_tensor(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
     with warnings.catch_warnings():   # torchvision 0.29 points to torchcodec; the decoder still works
         warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities.*")
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                           apply_exif_orientation=True, device=device)
+        x = [as_tensor(b) for b in data] if isinstance(data, list) else as_tensor(data)
+        return decode_jpeg(x, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=device)
 
 
 def fitted_size(h: int, w: int, side: int) -> tuple[int, int]:
@@ -212,24 +218,47 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise BadImageError(f"cannot read image '{os.fspath(path)}': {exc.strerror or exc}") from exc
 
 
-def decode_whole(path: str | os.PathLike, side: int, data: bytes | None = None) -> torch.Tensor:
+def decode_whole(path: str | os.PathLike, side: int, data: bytes | None = None, reduce: bool = True) -> torch.Tensor:
     """The whole image as uint8 (3, h, w), aspect kept, scaled by :func:`fit_side`; raises
-    :class:`BadImageError` like :func:`load_image` (every file it rejects is rejected here)."""
+    :class:`BadImageError` like :func:`load_image` (every file it rejects is rejected here).
+    ``reduce=False``: the file is known to be small (shards), so its header is not read to decide
+    on a reduced-size decode."""
     if data is None:
         data = read_file(path)
     if _is_jpeg(data):
-        try:
-            _check_jpeg_end(path, data)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-        except Exception as exc:
-            raise BadImageError(f"cannot decode image '{os.fspath(path)}': {exc}") from exc
+        h, w = _jpeg_size(data) if reduce else (0, 0)
         short = min(w, h)
         if short >= 2 * side:   # libjpeg decodes at 1/2, 1/4 or 1/8 scale: a fraction of the work
             want = (math.ceil(w * side / short), math.ceil(h * side / short))
-            return fit_side(_pil_to_tensor(load_image(path, data, draft=want)), side)
+            return fit_side(_pil_to_chw(load_image(path, data, draft=want)), side)
+        try:
+            _check_jpeg_end(path, data)
+        except OSError as exc:
+            raise BadImageError(f"cannot decode image '{os.fspath(path)}': {exc}") from exc
         try:
             return fit_side(_decode_jpeg_tv(data), side)
-        except RuntimeError:    # what libjpeg-turbo refuses, Pillow judges (and names the reason)
+        except RuntimeError:   # what libjpeg-turbo refuses, Pillow judges (and names the reason)
             pass
-    return fit_side(_pil_to_tensor(load_image(path, data)), side)
+    return fit_side(_pil_to_chw(load_image(path, data)), side)
+
+
+def _pil_to_chw(im: Image.Image) -> torch.Tensor:
+    """(3, H, W) over the (H, W, 3) pixels, not copied: the resize reads channels-last fastest."""
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame marker, (0, 0) if none is found (the decoder
+    then judges the file). Reads the few header bytes, not the image."""
+    at = 2
+    while at + 9 < len(data):
+        if data[at] != 0xFF:
+            return 0, 0
+        marker = data[at + 1]
+        if marker == 0xFF:               # fill byte
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[at + 5:at + 7], "big"), int.from_bytes(data[at + 7:at + 9], "big")
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return 0, 0

@@ -261,7 +261,9 @@ class ShardSource:
         ``sizes``), ``labels`` (-1 without classes), ``global_size``; undecodable samples go to
         ``skipped`` and the batch is refilled with its decodable images."""
         raws = self.raw_batches(epoch, seed, batch_size, rank, world, skip)
-        decode = _Decoder(train_side(self.img_size) if self.whole else None, self.img_size)
+        side = train_side(self.img_size) if self.whole else None
+        # stored images under twice the side never need libjpeg's reduced-size decode
+        decode = _Decoder(side, self.img_size, reduce=side is None or int(self.index["max_side"]) >= 2 * side)
         if device.type == "cuda":
             batches = (decode.on_device(raw, device) for raw in raws)
         else:
@@ -277,8 +279,9 @@ class ShardSource:
 class _Decoder(torch.utils.data.Dataset):
     """Decodes one raw sample (its index *is* the sample: the batch sampler hands samples out)."""
 
-    def __init__(self, side: int | None, img_size: int):
-        self.side, self.img_size = side, img_size
+    def __init__(self, side: int | None, img_size: int, reduce: bool = True):
+        self.side, self.img_size, self.reduce = side, img_size, reduce
+        self.fallbacks = 0      # batches nvJPEG refused as a whole (counted for tests and logs)
 
     def __len__(self) -> int:        # pragma: no cover - the batch sampler decides
         return 0
@@ -292,10 +295,10 @@ class _Decoder(torch.utils.data.Dataset):
         try:
             if self.side is None:
                 from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
-                return _pil_to_tensor(_resize_center_crop(load_image(str(key), image), self.img_size)), label, key
-            return decode_whole(str(key), self.side, image), label, key
+                return _pil_to_tensor(_resize_center_crop(load_image(f"{key:09d}", image), self.img_size)), label, key
+            return decode_whole(f"{key:09d}", self.side, image, self.reduce), label, key
         except BadImageError as e:
-            return _reason(e, str(key)), label, key
+            return _reason(e, f"{key:09d}"), label, key
 
     def on_device(self, raw: list[tuple[int, dict]], device: torch.device) -> dict:
         """One batch decoded by nvJPEG on ``device`` (its JPEGs in one call); other formats, and
@@ -304,14 +307,19 @@ class _Decoder(torch.utils.data.Dataset):
         jpegs = [i for i, (_, m) in enumerate(raw) if self.side is not None and _is_jpeg(m.get("jpg") or b"")]
         try:
             for i in jpegs:
-                _check_jpeg_end(str(raw[i][0]), raw[i][1]["jpg"])
+                _check_jpeg_end(f"{raw[i][0]:09d}", raw[i][1]["jpg"])
             decoded = _decode_jpeg_tv([raw[i][1]["jpg"] for i in jpegs], device=str(device)) if jpegs else []
             for i, image in zip(jpegs, decoded):
                 items[i] = (_fit_float(image, self.side), _label(raw[i][1]), raw[i][0])
-        except Exception:        # one bad file fails the batch call: judge each file on the CPU
-            pass
-        items = [it if it is not None else self[r] for it, r in zip(items, raw)]
+        except (OSError, RuntimeError):  # one bad file fails the batch call: judge each file on the CPU
+            self.fallbacks += 1
+        items = [it if it is not None else self._to(self[r], device) for it, r in zip(items, raw)]
         return collate_skip(items)
+
+    @staticmethod
+    def _to(item: tuple, device: torch.device) -> tuple:
+        image, label, key = item
+        return (image.to(device) if torch.is_tensor(image) else image), label, key
 
 
 def _fit_float(image: torch.Tensor, side: int) -> torch.Tensor:
