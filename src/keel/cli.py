@@ -229,8 +229,9 @@ def cmd_pretrain(args) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml in it)")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        if not any(run_dir.glob("checkpoints/last.pt")) and not any(run_dir.glob("stage*/checkpoints/last.pt")):
-            raise ConfigError(f"'{run_dir}' has no checkpoint yet (checkpoints/last.pt); start it again instead")
+        if not any(run_dir.glob("checkpoints/last.*")) and not any(run_dir.glob("stage*/checkpoints/last.*")):
+            raise ConfigError(f"'{run_dir}' has no checkpoint yet (checkpoints/last.pt, or last.json for a sharded "
+                              "one); start it again instead")
         result = pretrain(cfg, run_dir, resume=True)
     else:
         cfg = load_config(args.config, args.overrides)

@@ -95,7 +95,8 @@ def _train(args) -> int:
         if args.config or args.out or args.overrides:
             raise ConfigError("--resume continues a run with its own config.yaml: give no -c, --out or key=value")
         run_dir = Path(args.resume)
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        from keel.engine.checkpoint import has_checkpoint
+        if not has_checkpoint(run_dir):
             raise ConfigError(f"'{run_dir}' has no checkpoint (checkpoints/last.pt): start it again instead")
         res = detect_train(None, run_dir, resume=True)
     else:

@@ -118,6 +118,10 @@ class TrainConfig:
     model_ema: float = 0.0          # EMA decay per step (0: off); evaluated beside the model
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    parallel: str = "ddp"           # ddp (every process holds the whole model) | fsdp (FSDP2: parameters,
+                                    # gradients and optimizer state sharded over the processes)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    auto_resume: bool = True        # under torchrun, a restarted group resumes from the last checkpoint
     channels_last: bool = True      # only used for conv nets on GPU
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0

@@ -59,6 +59,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a training checkpoint to resume: ``checkpoints/last.pt``, or the
+    pointer ``checkpoints/last.json`` of a sharded one (train.parallel=fsdp)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return (ckpt / "last.pt").is_file() or (ckpt / "last.json").is_file()
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

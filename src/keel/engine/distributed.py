@@ -45,6 +45,28 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
+def ensure_group(device: torch.device) -> None:
+    """A process group even for one process (FSDP needs a device mesh): a one-member group when
+    torchrun made none."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this group after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a run directory name, a file list)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -90,6 +112,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
         x /= world_size()
+    return x
+
+
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
     return x
 
 

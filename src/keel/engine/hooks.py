@@ -14,6 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from keel.engine import distributed as D
+from keel.engine.parallel import gathered
 from keel.evaluate.monitor import knn_monitor
 
 
@@ -108,7 +109,8 @@ class EvalHook(Hook):
         spe = trainer.steps_per_epoch_
         epoch = trainer.step // spe if trainer.step % spe == 0 else round(trainer.step / spe, 4)
         model = self.model() if callable(self.model) and not isinstance(self.model, nn.Module) else self.model
-        metrics = {k: float(v) for k, v in trainer.task.evaluate(self.data, trainer, model=model).items()}
+        with gathered(trainer.task):
+            metrics = {k: float(v) for k, v in trainer.task.evaluate(self.data, trainer, model=model).items()}
         key = trainer.task.main_metric
         self.last, self.last_step = {"epoch": epoch, **metrics}, trainer.step
         if better(metrics[key], self.best[key] if self.best else None):
@@ -154,9 +156,12 @@ class KnnMonitor(Hook):
     def after_epoch(self, trainer) -> None:
         if not self.every or trainer.epoch % self.every:
             return
+        # a sharded model runs forward only with every process taking part: each computes it
+        if trainer.is_main or trainer.sharded:
+            with gathered(trainer.task):
+                acc = knn_monitor(trainer.task.export_backbone(), self.splits, self.img_size, self.k, self.t,
+                                  self.subset, self.batch_size, trainer.device, trainer.amp_dtype)
         if trainer.is_main:
-            acc = knn_monitor(trainer.task.export_backbone(), self.splits, self.img_size, self.k, self.t,
-                              self.subset, self.batch_size, trainer.device, trainer.amp_dtype)
             trainer.history["knn"].append([trainer.epoch, acc])
             bank = self.sizes()[0]
             trainer.log({"step": trainer.step, "epoch": trainer.epoch, "knn_top1": acc, "knn_k": self.k,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from keel.config import save_config, to_dict
 from keel.data.batches import load_batches
 from keel.data.recipes import repeated_batches
 from keel.engine import distributed as D
-from keel.engine.checkpoint import load_checkpoint, save_checkpoint
+from keel.engine import parallel
+from keel.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from keel.engine.optim import apply_lr, build_optimizer, cosine_lr, cosine_wd, step_lr
 from keel.engine.stages import carry_over
 from keel.errors import TrainingError
@@ -48,6 +51,12 @@ class Trainer:
         self.quiet = quiet
         self.dist = D.init_distributed(cfg.train.device)
         self.device = self.dist.device
+        if not resume and cfg.train.auto_resume and D.restarted() and self.has_checkpoint():
+            # torchrun restarted the group after a failure: carry on from the last checkpoint
+            self.resume = True
+            if self.is_main and not quiet:
+                print(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: resuming {self.run_dir}")
+        self.sharded = cfg.train.parallel == "fsdp"
         p = cfg.train.precision
         if p == "auto":
             p = "bf16" if self.device.type == "cuda" else "fp32"
@@ -60,6 +69,9 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def has_checkpoint(self) -> bool:
+        return self.run_dir is not None and has_checkpoint(self.run_dir)
 
     @property
     def writes(self) -> bool:
@@ -142,9 +154,18 @@ class Trainer:
         self.steps_per_epoch_, self.total_steps = spe, total_steps
         torch.manual_seed(tc.seed)  # heads built before fit() were seeded by the caller
 
+        if tc.parallel not in ("ddp", "fsdp"):
+            raise TrainingError(f"train.parallel must be ddp or fsdp, got {tc.parallel!r}")
+        if self.sharded and tc.model_ema:
+            raise TrainingError("train.model_ema keeps a whole copy of the model on every process: use it with "
+                                "train.parallel=ddp")
         if self.writes:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self._check_shared_run_dir()
+        plain = task          # under FSDP the caller's task; its weights come back at the end
+        if world > 1 and self.device.type == "cuda":
+            plain = task = nn.SyncBatchNorm.convert_sync_batchnorm(task)  # e.g. SimCLR's global BN
         task.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -152,6 +173,12 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             if tc.channels_last:
                 task.to(memory_format=torch.channels_last)
+        if self.sharded:
+            D.ensure_group(self.device)
+            task = parallel.shard(plain, self.device, self.amp_dtype)
+        if tc.activation_checkpointing:
+            parallel.checkpoint_activations(task)
+        self.task = task
         groups = task.param_groups(tc.weight_decay, tc.layer_decay)
         optimizer = build_optimizer(tc.optimizer, groups, lr, tc.weight_decay, tc.momentum,
                                     fused=self.device.type == "cuda")
@@ -185,9 +212,7 @@ class Trainer:
             if resident["labels"] is not None:
                 resident["labels"] = resident["labels"].to(self.device)
         model = task
-        if world > 1:
-            if self.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # e.g. SimCLR's global BN
+        if world > 1 and not self.sharded:     # FSDP reduces the gradients itself
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if tc.compile:
             model = torch.compile(model)
@@ -291,6 +316,9 @@ class Trainer:
             if self.writer:
                 self.writer.close()
 
+        if self.sharded:   # the caller's task gets the full weights: export and evaluation as after DDP
+            parallel.restore(plain, parallel.full_state_dict(task))
+            self.task = task = plain
         result = {"steps": step, "loss": self.history["loss"][-1][1] if self.history["loss"] else float("nan"),
                   "knn": self.history["knn"][-1][1] if self.history["knn"] else None,
                   "skipped": len(self.skipped), "finished": step >= total_steps,
@@ -319,24 +347,32 @@ class Trainer:
                                 f"Lower train.lr, set train.clip_grad, or use train.precision=fp32.")
 
     def _save(self, task: nn.Module, optimizer, step: int) -> None:
-        if not self.writes:
+        if self.run_dir is None:
             return
-        state = {"method": task.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "history": self.history, "config": to_dict(self.cfg), "skipped": sorted(self.skipped.items()),
-                 "world_size": self.dist.world_size,
-                 "hooks": {_hook_key(i, h): h.state_dict() for i, h in enumerate(self.hooks)}}
-        save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
+        meta = {"step": step, "history": self.history, "config": to_dict(self.cfg),
+                "skipped": sorted(self.skipped.items()), "world_size": self.dist.world_size,
+                "hooks": {_hook_key(i, h): h.state_dict() for i, h in enumerate(self.hooks)}}
+        if self.sharded:   # every process writes its shard
+            parallel.save_sharded(self.run_dir / "checkpoints", step, task, optimizer, meta)
+        elif self.writes:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt",
+                            {"method": task.state_dict(), "optimizer": optimizer.state_dict(), **meta})
 
     def _load(self, task: nn.Module, optimizer, spe: int) -> dict:
         if self.run_dir is None:
             raise TrainingError("resuming needs the run directory")
+        where = parallel.sharded_checkpoint(self.run_dir / "checkpoints")
+        if (where is not None) != self.sharded:
+            made = "train.parallel=fsdp (sharded)" if where is not None else "train.parallel=ddp"
+            raise TrainingError(f"the checkpoint in '{self.run_dir}' was made with {made}: resume with the same")
         try:
-            state = load_checkpoint(self.run_dir, map_location=self.device)
+            state = parallel.load_sharded(where, task, optimizer) if self.sharded else \
+                load_checkpoint(self.run_dir, map_location=self.device)
         except FileNotFoundError:
             raise
         except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
             first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise TrainingError(f"'{self.run_dir / 'checkpoints' / 'last.pt'}' is not a readable checkpoint "
+            raise TrainingError(f"'{where or self.run_dir / 'checkpoints' / 'last.pt'}' is not a readable checkpoint "
                                 f"({type(e).__name__}: {first})") from None
         tc = self.cfg.train
         saved_bs = state.get("config", {}).get("train", {}).get("batch_size", tc.batch_size)
@@ -349,11 +385,13 @@ class Trainer:
             if differ:
                 raise TrainingError(f"the checkpoint in '{self.run_dir}' was made with other values of "
                                     f"{', '.join(differ)}: resume with the run's own config.yaml")
-        if state.get("world_size", self.dist.world_size) != self.dist.world_size:
-            raise TrainingError(f"the checkpoint in '{self.run_dir}' was made by {state['world_size']} "
-                                f"process(es): resume with as many, not {self.dist.world_size}")
-        task.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("world_size", self.dist.world_size) != self.dist.world_size and self.is_main and not self.quiet:
+            # the global batches are the same; each process's own random stream (views) is not
+            print(f"resuming a run of {state['world_size']} process(es) on {self.dist.world_size}: the data order "
+                  "is kept, the augmentations differ from an unbroken run from here on")
+        if not self.sharded:
+            task.load_state_dict(state["method"])
+            optimizer.load_state_dict(state["optimizer"])
         self.history = {"loss": [], "knn": [], "eval": [], **state["history"]}
         # [index, reason] pairs (keel 0.1's checkpoints hold the indices alone)
         self.skipped = {int(k[0]): k[1] for k in state.get("skipped", []) if isinstance(k, (list, tuple))} or \
@@ -364,6 +402,18 @@ class Trainer:
         if self.is_main and not self.quiet:
             print(f"resumed from step {self.step} ({self.step / spe:.2f} epochs)")
         return state
+
+    def _check_shared_run_dir(self) -> None:
+        """Every node must see rank 0's run directory (keel assumes a shared file system for it)."""
+        if self.run_dir is None or self.dist.world_size == 1:
+            return
+        D.barrier()                                   # rank 0 has written config.yaml
+        seen = torch.tensor([float((self.run_dir / "config.yaml").is_file())], device=self.device)
+        if D.all_reduce_min(seen).item() == 0:
+            host = socket.gethostname()
+            raise TrainingError(f"process {self.dist.rank} on {host} cannot see the run directory '{self.run_dir}' "
+                                "that rank 0 wrote: put it on a file system every node mounts (or give "
+                                "--out such a path)")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be redone)."""

@@ -33,7 +33,7 @@ from keel.data.labels import LabeledCSV
 from keel.data.recipes import parse_randaugment
 from keel.data.sources import DataError, ImageFolder, is_shards, labeled_splits
 from keel.engine import distributed as D
-from keel.engine.checkpoint import save_weights, write_json
+from keel.engine.checkpoint import has_checkpoint, save_weights, write_json
 from keel.engine.hooks import EMAHook, EvalHook
 from keel.engine.trainer import Trainer
 from keel.evaluate.multilabel import MultiLabelTask, TwoLevelTask
@@ -271,11 +271,11 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
             raise ConfigError("resume needs the run directory")
         run_dir = Path(run_dir)
         searched = search_config_path(run_dir)
-        if not (run_dir / _CHECKPOINT).is_file() and searched.is_file():
+        if not has_checkpoint(run_dir) and searched.is_file():
             saved = load_config(searched, cls=FinetuneConfig)
         elif not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"'{run_dir}' is not a finetune run directory (no config.yaml in it)")
-        elif not (run_dir / _CHECKPOINT).is_file():
+        elif not has_checkpoint(run_dir):
             raise FileNotFoundError(f"nothing to resume: no checkpoint at '{run_dir / _CHECKPOINT}' (the run ended "
                                     "before its first checkpoint; start it again)")
         else:
@@ -327,7 +327,7 @@ def _run(cfg: FinetuneConfig, run_dir, progress: bool, resume: bool) -> dict:
 
     if cfg.recipe.lr_search:
         cfg, _ = search_lr(cfg, train_ds, objective, run_dir, fit, progress, resume)
-    result = fit(cfg, train_ds, test_ds, objective, run_dir, resume and (run_dir / _CHECKPOINT).is_file())
+    result = fit(cfg, train_ds, test_ds, objective, run_dir, resume and has_checkpoint(run_dir))
     if (run_dir / SEARCH_DIR / "scores.json").is_file():
         result["lr_search"] = json.loads((run_dir / SEARCH_DIR / "scores.json").read_text())
     return result

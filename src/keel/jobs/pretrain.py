@@ -11,7 +11,7 @@ from keel.config import ConfigError, RunConfig, override, save_config, to_dict
 from keel.data.decode import count_decodable
 from keel.data.sources import DataError, is_shards, labeled_splits, training_data
 from keel.engine import distributed as D
-from keel.engine.checkpoint import export_backbone
+from keel.engine.checkpoint import export_backbone, has_checkpoint
 from keel.engine.hooks import EMAHook, KnnMonitor
 from keel.engine.stages import export_final, stage_configs, stage_dir, stage_finished
 from keel.engine.trainer import Trainer
@@ -37,7 +37,9 @@ def monitor_data(cfg: RunConfig):
 
 def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Run ``cfg`` (every stage of it, if it has ``stages``); returns the last stage's result."""
-    run_dir = Path(run_dir or default_run_dir(cfg))
+    D.init_distributed(cfg.train.device)
+    # one name for every process (the default holds the time, which processes read apart)
+    run_dir = Path(D.broadcast_object(str(run_dir or default_run_dir(cfg))))
     stages = stage_configs(cfg)
     for scfg in stages:                 # a model/size pair that cannot work fails before any file is made
         check_model(scfg)
@@ -57,7 +59,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = F
         else:
             if not quiet:
                 print(f"stage {i}/{len(stages)}")
-            partial = resume and (sdir / "checkpoints" / "last.pt").is_file()
+            partial = resume and has_checkpoint(sdir)
             results.append(_train(scfg, sdir, partial, quiet, init_from=None if partial else prev))
         prev = sdir
     export_final(run_dir, prev, results)
@@ -119,8 +121,12 @@ def _count(data) -> str:
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     check_pooling(cfg)
-    data = training_data(cfg.data.source, cfg.data.img_size, cfg.data.crop_from, cfg.data.subset, cfg.train.seed,
-                         cfg.data.shuffle_buffer, file_list=Path(run_dir) / "files.json")
+    data = None
+    for writer in (True, False):    # rank 0 walks a folder and writes files.json; the others read it
+        if (D.rank() == 0) == writer:
+            data = training_data(cfg.data.source, cfg.data.img_size, cfg.data.crop_from, cfg.data.subset,
+                                 cfg.train.seed, cfg.data.shuffle_buffer, file_list=Path(run_dir) / "files.json")
+        D.barrier()
     splits = monitor_data(cfg) if cfg.train.knn_every and not is_shards(cfg.data.source) else None
     hooks = [KnnMonitor(splits, cfg.train.knn_every, cfg.data.img_size, max(cfg.eval.knn_k), cfg.eval.knn_t,
                         cfg.train.knn_subset, cfg.eval.batch_size)] if splits else []

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from keel.config import ConfigError, override, save_config
-from keel.engine.checkpoint import write_json
+from keel.engine.checkpoint import has_checkpoint, write_json
 from keel.engine import distributed as D
 
 __all__ = ["BIT_LR_GRID", "SEARCH_DIR", "holdout_split", "search_lr", "search_config_path"]
@@ -113,7 +113,7 @@ def search_lr(cfg, train_ds, objective, run_dir: str | Path, fit_fn, progress: b
                   f"scored on {len(held):,} held out")
         cand_dir = root / f"lr{key}"
         res = fit_fn(override(base, {"train.lr": lr}), fit, held, objective, cand_dir,
-                     resume and (cand_dir / "checkpoints" / "last.pt").is_file())
+                     resume and has_checkpoint(cand_dir))
         record["scores"][key] = res["final"][res["main_metric"]]
         record["metric"] = res["main_metric"]
         if writes:
