@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "commands.md"
-COMMANDS = ("pretrain", "finetune", "eval", "shards", "show", "demo", "models")
+COMMANDS = ("pretrain", "finetune", "eval", "shards", "embed", "search", "dedup", "predict", "export", "show", "demo",
+            "models")
 
 
 def render() -> str:

@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 
 from keel.cli_detect import add_parser as add_detect_parser
+from keel.cli_embed import add_parsers as add_embed_parsers
+from keel.cli_embed import cmd_dedup, cmd_embed, cmd_search
+from keel.cli_export import add_parsers as add_export_parsers
+from keel.cli_export import cmd_export, cmd_predict
 from keel.cli_shards import add_parser as add_shards_parser
 from keel.cli_shards import cmd_shards
 from keel.cli_detect import cmd_detect
@@ -30,6 +34,9 @@ a 5-minute tour:
   keel finetune model.backbone=runs/<run> data.source=digits  # fine-tune on labeled data
   keel detect train model.backbone=runs/<run> data.source=boxes.csv   # object detection (ViTDet-style)
   keel shards photos/ shards/photos && keel pretrain data.source=shards:shards/photos   # at scale
+  keel embed --checkpoint runs/<run> --data photos/ --out emb/ && keel dedup --index emb/ --threshold 0.95
+  keel predict --checkpoint runs/<finetune-run> --data new_photos/   # top-5 classes per image, a CSV
+  keel export --checkpoint runs/<run> --format onnx                  # ONNX or torch.export, checked
   keel eval suite model.backbone=[runs/<run>,random:resnet18_cifar] data.source=[digits,fashion-mnist]
   keel models                                  # the backbones you can pretrain
 
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,shards,show,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,shards,embed,search,dedup,predict,export,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -177,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_detect_parser(sub, _detect_keys(), fmt)
     add_shards_parser(sub, fmt)
+    add_embed_parsers(sub, fmt)
+    add_export_parsers(sub, fmt)
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
                         description="Draw what a pretrained backbone has learned, as a PNG.",
@@ -349,7 +358,8 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "detect": cmd_detect,
-            "shards": cmd_shards, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
+            "shards": cmd_shards, "embed": cmd_embed, "search": cmd_search, "dedup": cmd_dedup,
+            "predict": cmd_predict, "export": cmd_export, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -590,3 +590,18 @@ def test_labeled_splits_uses_split_folders_and_builtins_as_they_are(tmp_path):
     assert all("/train/" in p for p in train.paths) and all("/val/" in p for p in test.paths)
     tr, te = S.labeled_splits("digits", img_size=8)
     assert len(tr) + len(te) == 1797 and len(te) == 360
+
+
+def test_training_data_leaves_out_an_exclude_list(tmp_path):
+    from keel.data.sources import training_data
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(6):
+        write_good_rgb_jpeg(root / f"{i}.jpg")
+    drop = tmp_path / "drop.txt"
+    drop.write_text(f"# keel dedup\n{root / '1.jpg'}\n3.jpg\n")           # absolute and relative
+    ds = training_data(str(root), 16, exclude=str(drop))
+    assert sorted(os.path.basename(p) for p in ds.paths) == ["0.jpg", "2.jpg", "4.jpg", "5.jpg"] and ds.whole
+    assert len(training_data(str(root), 16, exclude=str(drop), subset=2, seed=1)) == 2
+    with pytest.raises(DataError, match="data.exclude applies to image folders"):
+        training_data("digits", 16, exclude=str(drop))

@@ -200,6 +200,20 @@ class ImageFolder(Dataset):
         )
 
 
+def read_exclude(path: str | os.PathLike | None, base: str) -> set[str]:
+    """The files a list names (``keel dedup``'s drop.txt): one path a line, absolute or relative to
+    ``base``, ``#`` lines ignored; normalised paths."""
+    if path is None:
+        return set()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [ln.strip() for ln in fh]
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise DataError(f"cannot read the exclude list '{os.fspath(path)}': {why}") from None
+    return {os.path.normpath(os.path.join(base, ln)) for ln in lines if ln and not ln.startswith("#")}
+
+
 def _reason(e: BadImageError, path: str) -> str:
     """Why a file was skipped, in one line without its path (skipped.txt puts the path first)."""
     detail = str(e).split("': ", 1)[-1].replace(f" '{path}'", "").replace(str(path), "").strip()

@@ -31,7 +31,7 @@ from PIL import Image
 from keel.data.decode import load_image
 from keel.data.errors import BadImageError, DataError
 from keel.data.shards import FORMAT, VERSION, read_index
-from keel.data.folders import _check_enough_classes, _check_labeled, _class_of, _looked_for, _reason, _scan_images
+from keel.data.folders import read_exclude, _check_enough_classes, _check_labeled, _class_of, _looked_for, _reason, _scan_images
 
 __all__ = ["write_shards", "read_index"]
 
@@ -59,18 +59,6 @@ class Source(NamedTuple):
 # ----------------------------------------------------------------------------
 # Listing a source
 # ----------------------------------------------------------------------------
-
-
-def _read_exclude(path: str | os.PathLike | None, base: str) -> set[str]:
-    if path is None:
-        return set()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = [ln.strip() for ln in fh]
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or e
-        raise DataError(f"cannot read the exclude list '{os.fspath(path)}': {why}") from None
-    return {os.path.normpath(os.path.join(base, ln)) for ln in lines if ln and not ln.startswith("#")}
 
 
 def _folder_source(root: str, labeled: bool | None, exclude: set[str]) -> Source:
@@ -163,11 +151,11 @@ def list_source(src: str | os.PathLike, labeled: bool | None = None,
     """The items of ``src`` in conversion order (a folder: sorted paths; a CSV: its row order)."""
     src = os.path.abspath(os.fspath(src))
     if os.path.isdir(src):
-        return _folder_source(src, labeled, _read_exclude(exclude, src))
+        return _folder_source(src, labeled, read_exclude(exclude, src))
     if src.lower().endswith(".csv"):
         if not os.path.isfile(src):
             raise DataError(f"CSV file '{src}' does not exist")
-        return _csv_source(src, labeled, _read_exclude(exclude, os.path.dirname(src)))
+        return _csv_source(src, labeled, read_exclude(exclude, os.path.dirname(src)))
     raise DataError(f"'{src}' is neither a folder nor a .csv file")
 
 

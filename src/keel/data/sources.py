@@ -47,6 +47,7 @@ from keel.data.folders import (  # noqa: F401  (re-exported)
     _check_labeled,
     _scan_images,
     collate_skip,
+    read_exclude,
 )
 
 __all__ = [
@@ -188,19 +189,34 @@ def build_dataset(
 
 
 def training_data(source: str, img_size: int, crop_from: str = "whole", subset: int = 0, seed: int = 0,
-                  shuffle_buffer: int = 4096, file_list: str | os.PathLike | None = None):
+                  shuffle_buffer: int = 4096, file_list: str | os.PathLike | None = None, exclude: str = ""):
     """What a training job reads: shards (``shards:PATH``, see :mod:`keel.data.shards`), or the
     train split of a built-in or folder. ``crop_from="whole"``: folder images keep their aspect
     ratio (random crops are drawn over the whole image); "center": the centre square, as
     evaluation sees it. ``file_list``: a folder's list of files, cached there on the first call
-    and read back after (a large folder is walked once; a resumed run sees the same files)."""
+    and read back after (a large folder is walked once; a resumed run sees the same files).
+    ``exclude``: a file listing images to leave out (``keel dedup``'s drop.txt), folders only."""
     if crop_from not in ("whole", "center"):
         raise DataError(f"data.crop_from must be whole or center, got {crop_from!r}")
     if is_shards(source):
         if subset:
             raise DataError("data.subset does not apply to shards: make a smaller set with keel shards")
+        if exclude:
+            raise DataError("data.exclude applies to image folders: for shards, convert again with "
+                            "keel shards SRC OUT --exclude FILE")
         return ShardSource(source, img_size, shuffle_buffer, whole=crop_from == "whole")
-    dataset = build_dataset(source, "train", img_size, labeled=False, subset=subset, seed=seed, file_list=file_list)
+    dataset = build_dataset(source, "train", img_size, labeled=False, file_list=file_list)
+    if exclude:
+        if not isinstance(dataset, ImageFolder):
+            raise DataError(f"data.exclude applies to image folders, not to '{source}'")
+        drop = read_exclude(exclude, dataset.root)
+        keep = [i for i, p in enumerate(dataset.paths) if os.path.normpath(p) not in drop]
+        if not keep:
+            raise DataError(f"every image of '{source}' is in data.exclude '{exclude}'")
+        dataset = dataset.subset(torch.tensor(keep))
+    if 0 < subset < len(dataset):      # drawn from the files kept
+        generator = torch.Generator().manual_seed(int(seed))
+        dataset = dataset.subset(torch.randperm(len(dataset), generator=generator)[:subset].sort().values)
     if isinstance(dataset, ImageFolder):
         dataset.whole = crop_from == "whole"
     return dataset

@@ -264,10 +264,10 @@ class VisionTransformer(nn.Module):
         hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(x)
         if mask is not None:
-            x = torch.where(mask.reshape(len(x), -1, 1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
+            x = torch.where(mask.reshape(x.shape[0], -1, 1), mask_token.reshape(1, 1, -1).to(x.dtype), x)
         x = x + self.pos_embed_for(*hw)
         if self.num_prefix_tokens:
-            x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
+            x = torch.cat([self.prefix_tokens(x.shape[0]), x], dim=1)
         for blk in self.blocks:
             x = blk(x, hw)
         return self.norm(x)
@@ -286,7 +286,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x) + self.pos_embed_for(*hw)
         x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         if self.num_prefix_tokens:
-            x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
+            x = torch.cat([self.prefix_tokens(x.shape[0]), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -297,7 +297,7 @@ class VisionTransformer(nn.Module):
         (D,), the patch tokens as a (B, D, h, w) map (stride ``patch_size``)."""
         h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
         t = self.forward_tokens(x, mask, mask_token)[:, self.num_prefix_tokens:]
-        return t.transpose(1, 2).reshape(len(t), -1, h, w)
+        return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
 
     def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block, (B, heads, P + N, P + N): row 0 is where the
@@ -308,7 +308,7 @@ class VisionTransformer(nn.Module):
         hw = (x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size)
         x = self.patch_embed(x) + self.pos_embed_for(*hw)
         if self.num_prefix_tokens:
-            x = torch.cat([self.prefix_tokens(len(x)), x], dim=1)
+            x = torch.cat([self.prefix_tokens(x.shape[0]), x], dim=1)
         for blk in self.blocks[:-1]:
             x = blk(x, hw)
         return last.attention_weights(x, hw)
