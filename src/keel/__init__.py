@@ -9,4 +9,11 @@ def load_backbone(path, map_location="cpu"):
     return _load(path, map_location=map_location)
 
 
-__all__ = ["create_model", "list_models", "load_backbone", "__version__"]
+def run(job, config=None, overrides=(), out=None, resume=False):
+    """Run a keel job (pretrain, finetune, detect) from a config in this process, as the command
+    does; see :func:`keel.jobs.run.run`."""
+    from keel.jobs.run import run as _run
+    return _run(job, config, overrides, out, resume)
+
+
+__all__ = ["create_model", "list_models", "load_backbone", "run", "__version__"]

@@ -415,13 +415,16 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None,
                 cls=RunConfig, defaults: dict | None = None):
-    """Defaults, then ``defaults`` (a sub-command's own), then the YAML file, then overrides."""
+    """Defaults, then ``defaults`` (a sub-command's own), then the YAML file (or the same mapping
+    given as a dict), then overrides."""
     data = to_dict(cls())
     if defaults:
         data = merge(data, defaults)
-    if path:
+    if isinstance(path, dict):
+        data = merge(data, _sections(path, cls))
+    elif path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")

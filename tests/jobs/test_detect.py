@@ -152,15 +152,17 @@ def test_eval_and_predict_commands_on_a_trained_run(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_keel_detect_train(shapes64, tmp_path):
-    """Two gloo processes: each takes its share of every batch; the run is written once."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_keel_detect_train(shapes64, tmp_path, parallel):
+    """Two gloo processes: each takes its share of every batch (or, with FSDP, half of the model);
+    the run is written once."""
     import os
     import subprocess
     import sys
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "keel",
            "detect", "train", "--out", str(run_dir), f"data.source={shapes64}",
-           *[f"{k}={v}" for k, v in TINY.items()], "train.eval_every=1"]
+           *[f"{k}={v}" for k, v in TINY.items()], "train.eval_every=1", f"train.parallel={parallel}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -53,7 +53,7 @@ def units(model: nn.Module) -> list[nn.Module]:
             out += units(candidate)
         else:
             out.append(candidate)
-    return out
+    return list({id(m): m for m in out}.values())     # a module reachable twice is one block
 
 
 def _candidates(module: nn.Module) -> list[nn.Module]:
