@@ -408,12 +408,13 @@ class Trainer:
         if self.run_dir is None or self.dist.world_size == 1:
             return
         D.barrier()                                   # rank 0 has written config.yaml
-        seen = torch.tensor([float((self.run_dir / "config.yaml").is_file())], device=self.device)
-        if D.all_reduce_min(seen).item() == 0:
-            host = socket.gethostname()
-            raise TrainingError(f"process {self.dist.rank} on {host} cannot see the run directory '{self.run_dir}' "
-                                "that rank 0 wrote: put it on a file system every node mounts (or give "
-                                "--out such a path)")
+        written = Path(D.broadcast_object(str(self.run_dir / "config.yaml")))
+        seen = D.all_gather_cat(torch.tensor([float(written.is_file())], device=self.device)).tolist()
+        blind = [r for r, s in enumerate(seen) if not s]
+        if blind:
+            raise TrainingError(f"process(es) {', '.join(map(str, blind))} cannot see the run directory "
+                                f"'{written.parent}' that rank 0 wrote (on {D.broadcast_object(socket.gethostname())}): "
+                                "put it on a file system every node mounts")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
