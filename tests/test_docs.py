@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "commands.md"
-COMMANDS = ("pretrain", "finetune", "eval", "shards", "embed", "search", "dedup", "predict", "export", "show", "demo",
+COMMANDS = ("pretrain", "finetune", "eval", "clip", "shards", "embed", "search", "dedup", "predict", "export", "show", "demo",
             "models")
 
 

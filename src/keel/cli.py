@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from keel.cli_clip import add_parser as add_clip_parser
+from keel.cli_clip import cmd_clip
 from keel.cli_detect import add_parser as add_detect_parser
 from keel.cli_embed import add_parsers as add_embed_parsers
 from keel.cli_embed import cmd_dedup, cmd_embed, cmd_search
@@ -33,6 +35,7 @@ a 5-minute tour:
   keel pretrain method.name=swav model.name=keel_tiny         # also mae simmim dino mocov3 byol simsiam rotation
   keel finetune model.backbone=runs/<run> data.source=digits  # fine-tune on labeled data
   keel detect train model.backbone=runs/<run> data.source=boxes.csv   # object detection (ViTDet-style)
+  keel clip train data.source=captions.csv && keel clip zeroshot --checkpoint runs/<run> --data digits
   keel shards photos/ shards/photos && keel pretrain data.source=shards:shards/photos   # at scale
   keel embed --checkpoint runs/<run> --data photos/ --out emb/ && keel dedup --index emb/ --threshold 0.95
   keel predict --checkpoint runs/<finetune-run> --data new_photos/   # top-5 classes per image, a CSV
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="keel", description=MAIN_HELP, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"keel {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,shards,embed,search,dedup,predict,export,show,demo,models}")
+    sub = p.add_subparsers(dest="command", metavar="{pretrain,finetune,eval,detect,clip,shards,embed,search,dedup,predict,export,show,demo,models}")
 
     pt = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone",
                         description="Pretrain a backbone on images without labels.",
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=20 mode=partial")
 
     add_detect_parser(sub, _detect_keys(), fmt)
+    add_clip_parser(sub, fmt)
     add_shards_parser(sub, fmt)
     add_embed_parsers(sub, fmt)
     add_export_parsers(sub, fmt)
@@ -358,7 +362,7 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "finetune": cmd_finetune, "eval": cmd_eval, "detect": cmd_detect,
-            "shards": cmd_shards, "embed": cmd_embed, "search": cmd_search, "dedup": cmd_dedup,
+            "clip": cmd_clip, "shards": cmd_shards, "embed": cmd_embed, "search": cmd_search, "dedup": cmd_dedup,
             "predict": cmd_predict, "export": cmd_export, "show": cmd_show, "demo": cmd_demo, "models": cmd_models}
 
 
