@@ -49,22 +49,11 @@ from PIL import Image
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 MODEL, TIMM_MODEL, SIZE = "vit_small_patch16", "vit_small_patch16_224", 224
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import make_photos  # noqa: E402  (the same photo-like JPEGs as the data figures)
+
 
 # ------------------------------------------------------------------------------- embed
-def make_photos(folder: Path, n: int) -> Path:
-    """n 1024x768 JPEGs from skimage's colour photos (upscaled, every other one mirrored)."""
-    import skimage.data as sd
-    folder.mkdir(parents=True, exist_ok=True)
-    photos = [getattr(sd, name)() for name in ("astronaut", "coffee", "chelsea", "rocket",
-                                                "immunohistochemistry", "hubble_deep_field")]
-    for i in range(n):
-        im = Image.fromarray(photos[i % len(photos)]).resize((1024, 768), Image.Resampling.BICUBIC)
-        if i % 2:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        im.save(folder / f"{i:05d}.jpg", quality=90)
-    return folder
-
-
 def bare_forward(batch: int, batches: int, device: str) -> tuple[float, float]:
     """(images/s of timm's forward on in-memory tensors, max |keel - timm| of the embeddings)."""
     import timm
