@@ -43,6 +43,8 @@ def add_parser(sub, fmt=argparse.RawDescriptionHelpFormatter) -> argparse.Argume
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--exclude", metavar="FILE",
                    help="a text file of paths to leave out, one per line (absolute or relative to SRC)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep the source's order (default: a fixed random order, so no shard holds one class)")
     return p
 
 
@@ -51,7 +53,7 @@ def cmd_shards(args) -> int:
 
     res = write_shards(args.src, args.out, max_side=args.max_side, quality=args.quality,
                        per_shard=args.per_shard, labeled=args.labeled, workers=args.workers,
-                       exclude=args.exclude, progress=True)
+                       exclude=args.exclude, progress=True, shuffle=args.shuffle)
     run = res["run"]
     if run["up_to_date"]:
         return 0

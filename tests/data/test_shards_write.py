@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,15 @@ def test_labeled_folder_read_back_with_webdataset(labeled, tmp_path):
         assert (img.width >= img.height) == (w >= h)
         assert np.abs(np.asarray(img, dtype=float).mean((0, 1)) - color).max() < 4  # the right picture
         assert "txt" not in s
-    # keys are the item indices over the sorted file list; shard k holds items [5k, 5k+5)
+    # keys are the item indices over the sorted file list in a fixed random order (seed 0), so no
+    # shard holds one class; shard k holds items [5k, 5k+5)
     order = sorted(truth)
+    random.Random(0).shuffle(order)
     assert [s["__key__"] for s in samples] == [f"{order.index(s['meta']['path']):09d}" for s in samples]
+    assert [s["__key__"] for s in samples] == sorted(s["__key__"] for s in samples)
+    assert len({int(s["cls"]) for s in samples[:5]}) > 1                          # classes mixed
+    plain = _run(src, tmp_path / "plain", max_side=32, per_shard=5, shuffle=False)
+    assert [s["meta"]["path"] for s in _read(tmp_path / "plain")] == sorted(truth) and plain["count"] == 12
     assert [s["count"] for s in index["shards"]] == [5, 5, 2]
     assert [s["first"] for s in index["shards"]] == [0, 5, 10]
     on_disk = read_index(out)
@@ -140,14 +147,14 @@ def test_csv_with_label_and_text(tmp_path):
     for k in range(4):
         _save(root / "imgs" / f"{k}.png", 20 + k, 30, (k * 60, 10, 10), "PNG")
     rows = ["Path,label,caption,extra",
-            "imgs/3.png,zebra,third,x",         # CSV order is kept, classes are sorted
+            "imgs/3.png,zebra,third,x",         # CSV order is kept (--no-shuffle), classes are sorted
             "imgs/0.png,ant,zeroth,x",
             "imgs/missing.png,ant,gone,x",      # line 4
             "imgs/1.png,,no label,x",           # line 5
             "",
             f"{root / 'imgs' / '2.png'},ant,\"absolute, with comma\",x"]
     (root / "list.csv").write_text("\n".join(rows) + "\n")
-    index = _run(root / "list.csv", tmp_path / "out", max_side=64)
+    index = _run(root / "list.csv", tmp_path / "out", max_side=64, shuffle=False)
     samples = _read(tmp_path / "out")
     assert index["classes"] == ["ant", "zebra"] and index["text"] is True
     got = [(s["__key__"], s["meta"]["path"], int(s["cls"]), s["txt"].decode()) for s in samples]
@@ -174,7 +181,7 @@ def test_bad_files_dropped_and_listed(tmp_path):
     (src / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (src / "empty.png").write_bytes(b"")
     (src / "notes.jpg").write_text("this is not an image\n")
-    index = _run(src, tmp_path / "out", per_shard=3)
+    index = _run(src, tmp_path / "out", per_shard=3, shuffle=False)   # bad files at known places
     lines = (tmp_path / "out" / "dropped.txt").read_text().splitlines()
     assert [ln.split("\t")[0] for ln in lines] == ["empty.png", "notes.jpg", "truncated.jpg"]
     assert all(ln.split("\t")[1] for ln in lines)

