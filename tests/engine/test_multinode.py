@@ -75,10 +75,13 @@ PRETRAIN = ["pretrain", "data.source=digits", "data.subset=512", "data.img_size=
 
 
 def _torchrun(run: Path, *launcher: str) -> subprocess.Popen:
-    # --standalone: c10d rendezvous on a free local port, which a restarted group joins again
+    # --standalone: c10d rendezvous on a free local port, which a restarted group joins again. A
+    # restarted gloo group sometimes hangs while connecting on a loaded machine: with a short
+    # KEEL_DIST_TIMEOUT it fails instead, and torchrun restarts it again
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
            "-m", "keel", PRETRAIN[0], "--out", str(run), *PRETRAIN[1:]]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, KEEL_DIST_TIMEOUT="60"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,8 +42,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=_timeout())
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _timeout() -> timedelta:
+    """How long a collective (and the group's first connection) may wait: KEEL_DIST_TIMEOUT
+    seconds, default 30 minutes as torch's. A group torchrun restarted after a failure can hang while
+    connecting (gloo, seen on a loaded machine); it then fails after this long and torchrun tries
+    again (--max_restarts)."""
+    return timedelta(seconds=float(os.environ.get("KEEL_DIST_TIMEOUT", "1800")))
 
 
 def ensure_group(device: torch.device) -> None:
