@@ -83,7 +83,11 @@ def launch(script: str, task, world: int = 2, timeout: float = 180) -> list[dict
         # _free_port's port can be taken by another process before rank 0 binds it: try another
         if not (any(p.returncode for p in procs) and any("address already in use" in log.lower() for log in logs)):
             break
-    if any(p.returncode for p in procs):
+    # gloo's threads can abort a process at exit ("terminate called without an active exception")
+    # after it wrote its results: that is torch's teardown, not the test's subject
+    at_exit = all((Path(task) / f"rank{r}.pt").is_file() for r in range(world)) and all(
+        p.returncode == 0 or "terminate called without an active exception" in log for p, log in zip(procs, logs))
+    if any(p.returncode for p in procs) and not at_exit:
         raise AssertionError("worker failed:\n" + "\n".join(f"--- rank {r} (exit {p.returncode})\n{log[-4000:]}"
                                                              for r, (p, log) in enumerate(zip(procs, logs))))
     return [torch.load(Path(task) / f"rank{r}.pt", weights_only=True) for r in range(world)]
