@@ -82,9 +82,13 @@ pictures:
              (as in DINO's pictures). ViT backbones only (vit_*, deit_*).
   mae        images with most patches masked, and what a MAE decoder draws from the rest. Needs the
              run directory of a MAE pretraining (method.name=mae): the decoder is in its checkpoint.
+  retrieval  for each --query text, the --k images closest to it under a keel clip train run (the
+             test split of labeled --data, else all its images). No --query: "a photo of a <class>"
+             for --n of the data's classes, each image titled with its label when it has one.
 
-  Writes neighbors.png / attention.png / mae.png into --out (default: the checkpoint's run directory;
-  the current directory for random:MODEL) and prints the path. Same --seed, same picture.
+  Writes neighbors.png / attention.png / mae.png / retrieval.png into --out (default: the
+  checkpoint's run directory; the current directory for random:MODEL) and prints the path. Same
+  --seed, same picture.
 
 examples:
   keel show neighbors --checkpoint runs/my-run --data digits
@@ -92,6 +96,7 @@ examples:
   keel show neighbors --checkpoint random:resnet10_cifar --data digits --out /tmp/pics   # untrained baseline
   keel show attention --checkpoint runs/my-vit-run --data fashion-mnist --n 4
   keel show mae --checkpoint runs/my-mae-run               # images from the run's own data
+  keel show retrieval --checkpoint runs/clip-<run> --data photos/ --query "a red dress" --query "a sandal"
 """
 
 
@@ -108,6 +113,12 @@ data.img_size: 0 (default) = the size the backbone was trained at; random:/timm:
 
 data.source: a built-in name, a labeled folder, or a CSV: image,labels (multi-label, "a;b") or
 image,primary,secondary (two-level); its test split is data.test_source= or every 5th row.
+
+image + text: with a keel clip train run as model.backbone and labeled image-text pairs as
+data.source (class sub-folders with a .txt beside each image, or a CSV with image, text and label
+columns), both towers stay frozen and classifiers train on their embeddings: image-only, text-only,
+late fusion and attention fusion, reported side by side; task.fusion (concat | attention) is kept
+as fusion.safetensors.
 
 views: a random resized crop keeping 64-100% of the image area (aug.scale_min; BiT's fine-tuning
 crop) and a horizontal flip with probability 0.5 (aug.hflip). This assumes photos, where a mirror
@@ -126,6 +137,7 @@ examples:
                                   # BiT-HyperRule decides (a tenth of its steps); the lr is picked on held-out images
   keel finetune model.backbone=runs/my-run data.source=digits recipe.lr_search=[0.0005,0.005,0.05]
   keel finetune model.backbone=runs/my-run data.source=tags.csv data.test_source=tags-test.csv task.multilabel_loss=asl
+  keel finetune model.backbone=runs/clip-<run> data.source=labeled-pairs/ task.fusion=attention
   keel finetune --resume runs/finetune-full-resnet18_cifar-digits-<time>   # after a crash: same run, exactly
   torchrun --nproc_per_node=8 -m keel finetune model.backbone=runs/my-run data.source=path/to/labeled train.batch_size=1024
 
@@ -191,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_embed_parsers(sub, fmt)
     add_export_parsers(sub, fmt)
 
-    sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions",
+    sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions, "
+                                     "text-to-image retrieval",
                         description="Draw what a pretrained backbone has learned, as a PNG.",
                         epilog=SHOW_EPILOG, formatter_class=fmt)
-    sh.add_argument("picture", choices=["neighbors", "attention", "mae"])
+    sh.add_argument("picture", choices=["neighbors", "attention", "mae", "retrieval"])
     sh.add_argument("--checkpoint", required=True,
                     help="a run directory, a backbone.safetensors with its card.json, or random:MODEL "
                          "(mae: the run directory)")
@@ -207,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="neighbors: at most this many gallery images, drawn at random (default: 5000; 0: all)")
     sh.add_argument("--img-size", type=int, help="neighbors, attention: image side (default: the one the backbone was trained "
                                                 "at; mae always uses the run's own)")
+    sh.add_argument("--query", action="append", metavar="TEXT",
+                    help="retrieval: a text to find images for (repeat for several; default: 'a photo of a "
+                         "<class>' for the data's classes)")
     sh.add_argument("--seed", type=int, default=0, help="which images are drawn, and the MAE mask (default: 0)")
     sh.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
@@ -272,6 +288,11 @@ def cmd_finetune(args) -> int:
         res = run_finetune(cfg, run_dir)
     if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports (and wrote run_dir)
         return 0
+    if "kept" in res:                           # image + text: fusion heads (keel.jobs.fusion)
+        print(f"test top-1 on {res['test']} pairs ({res['classes']} classes): image-only {res['image']:.1f}, "
+              f"text-only {res['text']:.1f}, late fusion {res['concat']:.1f}, attention fusion "
+              f"{res['attention']:.1f}\nkept the {res['kept']} head: {run_dir}/fusion.safetensors")
+        return 0
     key = res["main_metric"]
     if "lr_search" in res:
         search = res["lr_search"]
@@ -298,6 +319,18 @@ def cmd_show(args) -> int:
         run_dir = show.mae_run_dir(spec)
         out = _writable(Path(args.out) if args.out else run_dir)
         path = show.show_mae(run_dir, args.data, out, n=args.n, seed=args.seed, device=device)
+        print(f"wrote {path}")
+        return 0
+
+    if args.picture == "retrieval":
+        from keel.jobs.fusion import is_clip_run
+        if not is_clip_run(spec):
+            raise ValueError(f"keel show retrieval needs a keel clip train run as --checkpoint; '{spec}' has no clip.json")
+        out = _writable(Path(args.out) if args.out else Path(spec))
+        from keel.tasks.clip_config import ClipConfig
+        data = args.data or load_config(Path(spec) / "config.yaml", cls=ClipConfig).data.source
+        path = show.show_retrieval(spec, data, out, args.query, n=args.n, k=args.k, gallery=args.gallery,
+                                   seed=args.seed, device=device)
         print(f"wrote {path}")
         return 0
 

@@ -17,6 +17,10 @@ protocols:
   all      both
   fewshot  eval.shots labeled images per class, eval.draws random draws, mean +- std of kNN and
            linear probe (eval.fewshot_finetune=true adds the fine-tune protocol)
+  zeroshot a keel clip train run (model.backbone) classifies by prompts: class names x templates
+           (eval.templates, eval.classes), top-1/top-5 on data.source's test split; no image label used
+  retrieval  a keel clip train run: recall@1/5/10 image->text and text->image on image-text pairs
+           (data.source: a folder with a .txt beside each image, or a CSV with image and text columns)
   suite    several backbones side by side on several datasets (model.backbone=[A,B], data.source=[X,Y]):
            kNN, linear probe, few-shot, a short fine-tuning (eval.finetune_epochs, or eval.hyperrule=true
            for BiT-HyperRule's schedule, eval.hyperrule_scale=0.1 for a tenth of it) and robustness to
@@ -35,6 +39,8 @@ examples:
   keel eval fewshot model.backbone=runs/my-run data.source=fashion-mnist eval.shots=[1,5,10] eval.draws=5
   keel eval suite model.backbone=[runs/run-a,runs/run-b,random:resnet18_cifar] data.source=[digits,fashion-mnist] \\
       eval.shots=[1,5,10] eval.finetune_epochs=5 eval.out=runs/suite
+  keel eval zeroshot model.backbone=runs/clip-<run> data.source=fashion-mnist eval.templates=prompts.txt
+  keel eval retrieval model.backbone=runs/clip-<run> data.source=held-out-pairs.csv
   keel eval knn model.backbone=runs/my-run data.source=path/to/labeled   # one sub-folder per class;
                                                                         # train/ + test/ inside, or every
                                                                         # 5th image is held out as test
@@ -55,7 +61,7 @@ def add_parser(sub, keys: str, fmt) -> None:
     ev = sub.add_parser("eval", help="kNN / linear probe / few-shot / suite of a backbone on frozen features",
                         description="Evaluate a backbone's frozen features on a labeled dataset.",
                         epilog=EVAL_EPILOG.format(keys=keys), formatter_class=fmt)
-    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot", "suite"])
+    ev.add_argument("protocol", choices=["knn", "linear", "all", "fewshot", "suite", "zeroshot", "retrieval"])
     ev.add_argument("-c", "--config", help="YAML config file (see the keys below)")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.backbone=runs/my-run eval.knn_k=[10]")
     old = ev.add_argument_group("keel 0.1 flags (deprecated: use the keys above)")
@@ -93,6 +99,8 @@ def cmd_eval(args) -> int:
     for key, values in (("model.backbone", cfg.model.backbone), ("data.source", cfg.data.source)):
         if len(values) != 1:
             raise ValueError(f"{key} takes one value for `keel eval {args.protocol}` (several only for suite)")
+    if args.protocol in ("zeroshot", "retrieval"):
+        return _image_text(args.protocol, cfg)
     import torch
 
     from keel import hub
@@ -113,6 +121,20 @@ def cmd_eval(args) -> int:
                           amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
     for k, v in res.items():
         print(f"  {k:<18} {v:6.2f}")
+    if cfg.eval.json:
+        Path(cfg.eval.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _image_text(protocol: str, cfg) -> int:
+    from keel.cli_clip import retrieval, zeroshot
+    from keel.engine.distributed import resolve_device
+    from keel.jobs.fusion import is_clip_run
+    run, source, device = cfg.model.backbone[0], cfg.data.source[0], resolve_device(cfg.run.device)
+    if not is_clip_run(run):
+        raise ConfigError(f"keel eval {protocol} needs a keel clip train run as model.backbone; '{run}' has no clip.json")
+    res = zeroshot(run, source, cfg.eval.templates, cfg.eval.classes, "test", device) if protocol == "zeroshot" \
+        else retrieval(run, source, device)
     if cfg.eval.json:
         Path(cfg.eval.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -194,6 +194,8 @@ class ClassifyConfig:
     label_smoothing: float = 0.1
     multilabel_loss: str = "bce"    # multi-label CSV: bce | asl (asymmetric loss)
     threshold: float = 0.5          # multi-label CSV: sigmoid threshold of the F1 scores
+    fusion: str = "concat"          # model.backbone a keel clip run, data.source labeled image-text pairs:
+                                    # the fusion head kept, concat (late fusion, MLP) | attention
 
 
 @dataclass
@@ -255,6 +257,10 @@ class EvalProtocolConfig(EvalConfig):
     hyperrule_scale: float = 1.0    # suite: multiply BiT-HyperRule's step counts
     severity: int = 3               # suite: corruption severity 1..5 for robustness
     label_fractions: list[float] = field(default_factory=list)  # suite: also train on these fractions of the labels
+    templates: str = ""             # zeroshot: a file of prompt templates, one a line with {} for the class
+                                    # ("" = keel.evaluate.zeroshot.DEFAULT_TEMPLATES)
+    classes: str = ""               # zeroshot: a file of class names, one a line, in the data's class order
+                                    # ("" = the data's own: folder names, built-ins' names)
     out: str = ""                   # suite: folder for the report ("" = runs/suite-<time>)
     json: str = ""                  # also write the results as JSON to this file
 

@@ -1,5 +1,5 @@
 """``keel show``: from any checkpoint, nearest-neighbour grids, ViT attention maps and MAE
-reconstructions. This module computes what to draw (features, neighbours, attention, masks);
+reconstructions; from an image-text run, the top images for text queries. This module computes what to draw (features, neighbours, attention, masks);
 :mod:`keel.viz` draws it."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from keel.tasks.ssl import build_method  # importing the package registers every
 from keel.viz import plt  # noqa: F401
 from keel.viz.curves import plot_comparison, plot_run  # noqa: F401
 from keel.viz.pictures import (CELL, DPI, MAX_HEADS, TITLE_BAND, plot_attention,  # noqa: F401
-                               plot_mae, plot_neighbors)
+                               plot_mae, plot_neighbors, plot_retrieval)
 
 
 def _seeded_choice(total: int, n: int, seed: int) -> torch.Tensor:
@@ -150,6 +150,34 @@ def show_neighbors(backbone, data: str, out_dir: str | Path, img_size: int, n: i
     title = f"nearest neighbours (cosine) · {name} · {data}\n{where}"
     return plot_neighbors(q_imgs, q_labels, nb_imgs, labels[idx], scores, Path(out_dir) / "neighbors.png",
                           title, classes=getattr(gal_ds, "classes", []))
+
+
+def show_retrieval(run_dir: str | Path, data: str, out_dir: str | Path, queries: list[str] | None = None,
+                   n: int = 8, k: int = 8, gallery: int = 5000, seed: int = 0, device="cpu") -> Path:
+    """``retrieval.png``: for each text query, the ``k`` images of ``data`` closest to it under a
+    ``keel clip train`` run (the test split of labeled data, else all its images; at most
+    ``gallery`` of them, drawn at random). No query given: "a photo of a {class}" for up to ``n``
+    of the data's classes."""
+    from keel.evaluate.zeroshot import embed_dataset as embed_pairs_or_images, top_images
+    from keel.jobs.clip import load_clip
+    task, tok = load_clip(run_dir, device)
+    train, test = neighbor_splits(data, task.img_size, 0, seed)
+    pool = test if test is not None else train
+    if 0 < gallery < len(pool):
+        pool = pool.subset(_seeded_choice(len(pool), gallery, seed).sort().values)
+    classes = list(getattr(pool, "classes", []) or [])
+    if not queries:
+        if not classes:
+            raise ValueError(f"'{data}' has no class names to ask for: give --query TEXT (one or more)")
+        queries = [f"a photo of a {c}" for c in classes[:n]]
+    feats, labels, rows = embed_pairs_or_images(task, pool)
+    found = [top_images(task, tok, q, feats, k) for q in queries]
+    scores = torch.stack([f[0] for f in found])
+    idx = torch.stack([f[1] for f in found])
+    imgs, _, _ = take_images(pool, rows[idx.reshape(-1)])
+    imgs = imgs.reshape(*idx.shape, *imgs.shape[1:])
+    title = f"text -> image retrieval · {Path(run_dir).resolve().name} · {Path(data).name or data} ({len(feats)} images)"
+    return plot_retrieval(queries, imgs, labels[idx], scores, Path(out_dir) / "retrieval.png", title, classes)
 
 
 def _check_attention(backbone) -> None:

@@ -68,6 +68,34 @@ def test_retrieval_recall_hand_computed():
     assert out["text_to_image@2"] == pytest.approx(200 / 3) and out["text_to_image@3"] == 100.0
 
 
+def test_retrieval_recall_shared_texts():
+    # images 0 and 1 share text 0, image 2 has text 1
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    out = retrieval_recall(img, txt, ks=(1, 2), text_of_image=torch.tensor([0, 0, 1]))
+    # image -> text: image 0 scores text0 0, text1 1: rank 1; image 1: .8 vs .6: rank 0; image 2: 0 vs 1: rank 1
+    assert out["image_to_text@1"] == pytest.approx(100 / 3) and out["image_to_text@2"] == 100.0
+    # text -> image: text 0's best own image is image 1 (.8); image 2 (not its) scores 1.0: rank 1;
+    # text 1's own image 2 scores 0, images 0 (1.0) and 1 (.6) above: rank 2. Two queries, not three.
+    assert out["text_to_image@1"] == 0.0 and out["text_to_image@2"] == 50.0
+
+
+def test_retrieval_recall_equals_a_loop():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(40, 8, generator=g), torch.randn(12, 8, generator=g)
+    owner = torch.randint(0, 12, (40,), generator=g)
+    out = retrieval_recall(img, txt, ks=(1, 3), text_of_image=owner)
+    sim = img @ txt.T
+    i2t = [int((sim[i] > sim[i, owner[i]]).sum()) for i in range(40)]
+    t2i = []
+    for j in owner.unique().tolist():
+        mine = owner == j
+        t2i.append(int((sim[~mine, j] > sim[mine, j].max()).sum()))
+    for k in (1, 3):
+        assert out[f"image_to_text@{k}"] == pytest.approx(100 * sum(r < k for r in i2t) / 40)
+        assert out[f"text_to_image@{k}"] == pytest.approx(100 * sum(r < k for r in t2i) / len(t2i))
+
+
 def test_templates_file(tmp_path):
     (tmp_path / "t.txt").write_text("# prompts\na photo of a {}.\n\n{} on a table\n")
     assert read_templates(tmp_path / "t.txt") == ["a photo of a {}.", "{} on a table"]

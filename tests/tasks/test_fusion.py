@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from keel.tasks.fusion import FusionHead, fusion_eval
@@ -56,3 +57,36 @@ def test_fusion_from_a_clip_run(tmp_path):
     out = fusion_from_run(res["run_dir"], str(tmp_path / "pairs"), epochs=5)
     assert out["train"] + out["test"] == 32 and out["classes"] == 2
     assert set(out) >= {"image", "text", "concat", "attention"}
+
+    # the same through keel finetune: the kept head, saved, gives back the reported test top-1
+    from keel.cli import main
+    from keel.evaluate.zeroshot import embed_dataset, embed_texts
+    from keel.data.pairs import PairData, read_pairs
+    from keel.jobs.clip import load_clip
+    from keel.jobs.fusion import load_fusion
+    assert main(["finetune", f"model.backbone={res['run_dir']}", f"data.source={tmp_path / 'pairs'}",
+                 "train.epochs=5", "task.fusion=attention", "--out", str(tmp_path / "fused")]) == 0
+    result = json.loads((tmp_path / "fused" / "result.json").read_text())
+    assert result["kept"] == "attention" and result["attention"] == out["attention"]   # same seed, same heads
+    head, meta = load_fusion(tmp_path / "fused")
+    assert meta["classes"] == ["cold", "warm"] and (tmp_path / "fused" / "config.yaml").is_file()
+    task, tok = load_clip(res["run_dir"])
+    rec = read_pairs(str(tmp_path / "pairs"))
+    img, _, rows = embed_dataset(task, PairData(rec, tok.encode(rec.texts), task.img_size))
+    txt = embed_texts(task, tok, [rec.texts[int(r)] for r in rows])
+    test = torch.arange(len(rows)) % 5 == 0
+    with torch.no_grad():
+        pred = head(img[test], txt[test]).argmax(1)
+    assert 100.0 * float((pred == rec.labels[rows][test]).float().mean()) == pytest.approx(result["attention"])
+
+
+def test_standardisation_is_kept_in_the_head():
+    img, txt = torch.randn(50, 4) * 5 + 3, torch.randn(50, 6) - 2
+    h = FusionHead("concat", 4, 6, 3, hidden=8).eval()
+    h.standardise_with(img, txt)
+    ref = FusionHead("concat", 4, 6, 3, hidden=8).eval()
+    ref.load_state_dict({k: v for k, v in h.state_dict().items()})
+    ref.img_mean.zero_(), ref.img_std.fill_(1), ref.txt_mean.zero_(), ref.txt_std.fill_(1)
+    z_img = (img - img.mean(0)) / img.std(0)
+    z_txt = (txt - txt.mean(0)) / txt.std(0)
+    assert torch.allclose(h(img, txt), ref(z_img, z_txt), atol=1e-5)

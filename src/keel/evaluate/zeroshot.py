@@ -3,8 +3,8 @@
 * :func:`zeroshot_weights`: one embedding per class, the mean of its prompts' text embeddings
   (every template filled with the class name), normalised again (CLIP's prompt ensembling);
   :func:`zeroshot_eval` scores a labeled image set against them (top-1 / top-5, percent).
-* :func:`retrieval_recall`: recall@K both ways on paired embeddings (row i of the images belongs
-  with row i of the texts): image -> text and text -> image.
+* :func:`retrieval_recall`: recall@K both ways on paired embeddings: image -> text and
+  text -> image; identical captions are one text, answered by any of their images.
 
 Embeddings come from :class:`keel.tasks.clip.ClipTask` (``embed_images``, ``encode_text``), all
 L2-normalised, so a dot product is the cosine similarity both towers were trained on.
@@ -81,16 +81,29 @@ def zeroshot_eval(task, tokenizer, dataset, classnames: Sequence[str], templates
             "templates": len(templates), "chance": 100.0 / len(classnames)}
 
 
-def retrieval_recall(image_emb: Tensor, text_emb: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@K (percent) of the paired item among the K most similar, both directions."""
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(f"paired embeddings must have one shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
-    sim = image_emb.float() @ text_emb.float().T
-    target = torch.arange(len(sim))
+def retrieval_recall(image_emb: Tensor, text_emb: Tensor, ks: Sequence[int] = (1, 5, 10),
+                     text_of_image: Tensor | None = None) -> dict:
+    """Recall@K (percent) both ways. Row i of ``image_emb`` belongs with text ``text_of_image[i]``
+    (default: text i). Several images may share one text (identical captions are one text, else
+    ties between copies decide the score): a text query is answered when any of its images is among
+    the K most similar. Ties count in the partner's favour."""
+    target = torch.arange(len(image_emb)) if text_of_image is None else torch.as_tensor(text_of_image).long()
+    if image_emb.shape[1:] != text_emb.shape[1:] or len(target) != len(image_emb) or \
+            (text_of_image is None and len(text_emb) != len(image_emb)):
+        raise ValueError(f"paired embeddings do not match: {tuple(image_emb.shape)} images, "
+                         f"{tuple(text_emb.shape)} texts")
+    sim = image_emb.float() @ text_emb.float().T                     # (images, texts)
+    rows = torch.arange(len(sim))
+    # image -> text: how many texts score strictly higher than its own
+    i2t = (sim > sim[rows, target].unsqueeze(1)).sum(1)
+    # text -> image: its best own image's score; how many other images score strictly higher
+    own = torch.zeros_like(sim, dtype=torch.bool)
+    own[rows, target] = True
+    best = sim.masked_fill(~own, float("-inf")).amax(0)
+    queried = own.any(0)                                             # texts with an image
+    t2i = ((sim > best) & ~own).sum(0)[queried]
     out = {}
-    for name, s in (("image_to_text", sim), ("text_to_image", sim.T)):
-        # rank of the true partner = how many score strictly higher (ties count in its favour)
-        rank = (s > s[target, target].unsqueeze(1)).sum(1)
+    for name, rank in (("image_to_text", i2t), ("text_to_image", t2i)):
         for k in ks:
             out[f"{name}@{k}"] = 100.0 * float((rank < k).float().mean())
     return out
@@ -98,11 +111,15 @@ def retrieval_recall(image_emb: Tensor, text_emb: Tensor, ks: Sequence[int] = (1
 
 def retrieval_eval(task, tokenizer, pairs_dataset, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
                    num_workers: int = 0) -> dict:
-    """Recall@K both ways over the pairs of a :class:`keel.data.pairs.PairData`."""
+    """Recall@K both ways over the pairs of a :class:`keel.data.pairs.PairData`; identical captions
+    are embedded once and count as one text (see :func:`retrieval_recall`)."""
     img, _, rows = embed_dataset(task, pairs_dataset, batch_size, num_workers)
     texts = [pairs_dataset.records.texts[int(r)] for r in rows]
-    out = retrieval_recall(img, embed_texts(task, tokenizer, texts, batch_size), ks)
-    out["pairs"] = len(rows)
+    unique = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(unique)}
+    out = retrieval_recall(img, embed_texts(task, tokenizer, unique, batch_size), ks,
+                           torch.tensor([where[t] for t in texts]))
+    out.update(pairs=len(rows), texts=len(unique))
     return out
 
 

@@ -288,6 +288,11 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
     if not cfg.model.backbone:
         raise ConfigError("model.backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     check(cfg)
+    from keel.jobs.fusion import is_clip_run, run_fusion
+    if is_clip_run(cfg.model.backbone):          # image + text data: heads on both towers' embeddings
+        if resume:
+            raise ConfigError("a fusion run trains heads on frozen embeddings in minutes: run it again, no --resume")
+        return run_fusion(cfg, run_dir if run_dir is not None else default_run_dir(cfg))
     created = D.world_size() == 1          # no group yet: torchrun's is made here
     progress = progress and D.init_distributed(cfg.train.device).rank == 0
     try:

@@ -1,7 +1,8 @@
 """A classifier on image + text together, beside image-only and text-only ones on the same split.
 
 The towers of an image-text run stay frozen; each pair is embedded once by both, and small heads
-train on the embeddings (standardised with the training split's statistics):
+train on the embeddings (standardised with the training split's statistics, which each head keeps
+as buffers, so a saved head takes raw embeddings):
 
 * ``image`` / ``text``: an MLP on one tower's embedding (the baselines);
 * ``concat``: late fusion, an MLP on the two embeddings side by side;
@@ -10,7 +11,9 @@ train on the embeddings (standardised with the training split's statistics):
   attention weighs the modalities per example.
 
 :func:`fusion_eval` trains all four and reports test top-1; :func:`fusion_from_run` does it for a
-``keel clip train`` run on labeled pairs (every 5th pair held out, as keel's labeled folders do).
+``keel clip train`` run on labeled pairs (every 5th pair held out, as keel's labeled folders do)
+and returns the trained heads too; ``keel finetune model.backbone=CLIP_RUN`` and ``keel clip
+fusion`` call it (:mod:`keel.jobs.fusion`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KINDS = ("image", "text", "concat", "attention")
+FUSED = ("concat", "attention")      # the heads that see both towers
 
 
 class FusionHead(nn.Module):
@@ -29,7 +33,10 @@ class FusionHead(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"fusion kind must be one of {' | '.join(KINDS)}, got {kind!r}")
-        self.kind = kind
+        self.kind, self.hidden = kind, hidden
+        for name, dim in (("img", img_dim), ("txt", txt_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
         if kind == "attention":
             self.img_token, self.txt_token = nn.Linear(img_dim, hidden), nn.Linear(txt_dim, hidden)
             self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
@@ -41,7 +48,14 @@ class FusionHead(nn.Module):
             dim = {"image": img_dim, "text": txt_dim, "concat": img_dim + txt_dim}[kind]
             self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, num_classes))
 
+    def standardise_with(self, img: Tensor, txt: Tensor) -> None:
+        """Keep the training split's mean and std of each embedding; forward standardises with them."""
+        for name, x in (("img", img), ("txt", txt)):
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp(min=1e-6))
+
     def forward(self, img: Tensor, txt: Tensor) -> Tensor:
+        img, txt = (img - self.img_mean) / self.img_std, (txt - self.txt_mean) / self.txt_std
         if self.kind == "image":
             return self.mlp(img)
         if self.kind == "text":
@@ -51,11 +65,6 @@ class FusionHead(nn.Module):
         tokens = torch.stack([self.img_token(img), self.txt_token(txt)], dim=1)
         x = torch.cat([self.cls.expand(len(img), -1, -1), tokens], dim=1) + self.modality
         return self.out(self.norm(self.encoder(x)[:, 0]))
-
-
-def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
-    return (train - mean) / std, (test - mean) / std
 
 
 def train_head(head: FusionHead, img: Tensor, txt: Tensor, y: Tensor, epochs: int = 100, lr: float = 3e-3,
@@ -76,26 +85,31 @@ def train_head(head: FusionHead, img: Tensor, txt: Tensor, y: Tensor, epochs: in
 
 
 def fusion_eval(train: tuple[Tensor, Tensor, Tensor], test: tuple[Tensor, Tensor, Tensor], num_classes: int,
-                kinds=KINDS, epochs: int = 100, hidden: int = 256, seed: int = 0) -> dict:
-    """Test top-1 (percent) of each head, trained on ``train`` = (image emb, text emb, labels)."""
-    img_tr, img_te = _standardise(train[0].float(), test[0].float())
-    txt_tr, txt_te = _standardise(train[1].float(), test[1].float())
+                kinds=KINDS, epochs: int = 100, hidden: int = 256, seed: int = 0, heads: dict | None = None) -> dict:
+    """Test top-1 (percent) of each head, trained on ``train`` = (image emb, text emb, labels);
+    ``heads``, when given a dict, receives the trained heads by kind."""
+    img_tr, txt_tr, img_te, txt_te = (x.float() for x in (train[0], train[1], test[0], test[1]))
     out = {}
     for kind in kinds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             head = FusionHead(kind, img_tr.shape[1], txt_tr.shape[1], num_classes, hidden)
+            head.standardise_with(img_tr, txt_tr)
             train_head(head, img_tr, txt_tr, train[2], epochs, seed=seed)
         with torch.no_grad():
             out[kind] = 100.0 * float((head(img_te, txt_te).argmax(1) == test[2]).float().mean())
+        if heads is not None:
+            heads[kind] = head
     out["best_single"] = max(out.get("image", 0.0), out.get("text", 0.0))
     return out
 
 
 def fusion_from_run(run_dir: str | Path, source: str, image_column: str = "", text_column: str = "",
-                    label_column: str = "", epochs: int = 100, device: str = "cpu") -> dict:
+                    label_column: str = "", epochs: int = 100, device: str = "cpu", seed: int = 0,
+                    heads: dict | None = None) -> dict:
     """Fusion vs single-tower heads on labeled pairs (a folder of class sub-folders with a .txt per
-    image, or a CSV with a label column), embedded by a ``keel clip train`` run's frozen towers."""
+    image, or a CSV with a label column), embedded by a ``keel clip train`` run's frozen towers.
+    The result holds the class names; ``heads`` (a dict) receives the trained heads."""
     from keel.data.pairs import PairData, read_pairs
     from keel.evaluate.zeroshot import embed_dataset, embed_texts
     from keel.jobs.clip import load_clip
@@ -109,6 +123,7 @@ def fusion_from_run(run_dir: str | Path, source: str, image_column: str = "", te
     y = rec.labels[rows]
     test = torch.arange(len(rows)) % 5 == 0
     res = fusion_eval((img[~test], txt[~test], y[~test]), (img[test], txt[test], y[test]), len(rec.classes),
-                      epochs=epochs)
-    res.update(train=int((~test).sum()), test=int(test.sum()), classes=len(rec.classes))
+                      epochs=epochs, seed=seed, heads=heads)
+    res.update(train=int((~test).sum()), test=int(test.sum()), classes=len(rec.classes),
+               class_names=list(rec.classes), skipped_pairs=dict(rec.skipped))
     return res

@@ -1,4 +1,5 @@
-"""Grids of images: nearest neighbours, attention maps, MAE reconstructions (``keel show``).
+"""Grids of images: nearest neighbours, text-to-image retrieval, attention maps, MAE
+reconstructions (``keel show``).
 
 Every grid is laid out in cells of CELL inches at DPI dots per inch, plus a TITLE_BAND for the
 title, so a picture's pixel size is known in advance: (columns * CELL * DPI, rows * CELL * DPI +
@@ -69,6 +70,22 @@ def plot_neighbors(queries, query_labels, neighbors, neighbor_labels, scores, pa
             text = f"{_label_text(nlab, classes)}  {float(scores[i, j]):.2f}".strip()
             color = "black" if qlab < 0 or nlab < 0 else ("green" if nlab == qlab else "red")
             ax.set_title(text, fontsize=8, color=color)
+    return save_figure(fig, path)
+
+
+def plot_retrieval(queries, images, labels, scores, path, title: str = "", classes=()) -> Path:
+    """Row i: text query i (wrapped, in the first cell), then its top images (Q, k, 3, H, W) with
+    their label (when known) and cosine similarity above."""
+    import textwrap
+    q, k = images.shape[:2]
+    fig, axes = grid_figure(q, k + 1, title)
+    for i in range(q):
+        axes[i][0].text(0.5, 0.5, textwrap.fill(f'"{queries[i]}"', 18), ha="center", va="center", fontsize=8,
+                        fontweight="bold", transform=axes[i][0].transAxes)
+        for j in range(k):
+            imshow(axes[i][j + 1], images[i, j])
+            text = f"{_label_text(int(labels[i, j]), classes)}  {float(scores[i, j]):.2f}".strip()
+            axes[i][j + 1].set_title(text, fontsize=8)
     return save_figure(fig, path)
 
 
