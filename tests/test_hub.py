@@ -103,6 +103,10 @@ def test_finetune_run_gives_its_backbone_and_its_classifier(tmp_path, sectioned)
             assert size == 16
             same_weights(model, backbone)
     assert default_img_size(str(tmp_path / "ft")) == (24 if sectioned else 16)
+    # the model name and keywords a card records, for a fine-tune run and for the run it came from
+    from keel.hub import model_of
+    assert model_of(str(tmp_path / "ft")) == model_of(str(tmp_path / "up")) == ("vit_tiny_patch4_32", TINY)
+    assert model_of("random:resnet10_cifar") == ("resnet10_cifar", {})
 
     teacher = resolve_classifier(str(tmp_path / "ft"), 3, img_size=16)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -37,7 +37,7 @@ from keel.models.layers.position import interpolate_pos_embed
 from keel.models.registry import create_model, family_of, list_models
 from keel.models.stats import default_img_size as config_size
 
-__all__ = ["resolve_backbone", "resolve_classifier", "default_img_size"]
+__all__ = ["resolve_backbone", "resolve_classifier", "default_img_size", "model_of"]
 
 # A fine-tune run may start from another fine-tune run (BiT's upstream -> downstream): the chain
 # is followed through config.yaml files, and a chain this long can only be a loop.
@@ -124,6 +124,13 @@ def default_img_size(spec: str, arg: str = "model.backbone") -> int:
     """The side :func:`resolve_backbone` builds ``spec`` at without ``img_size``; reads cards and
     configs only, no weights."""
     return _source(spec, arg).trained_at
+
+
+def model_of(spec: str, arg: str = "model.backbone") -> tuple[str, dict]:
+    """The keel model name and its ``create_model`` keywords other than ``img_size`` (what a card
+    records) of ``spec``; reads cards and configs only, no weights."""
+    src = _source(spec, arg)
+    return src.name, dict(src.kwargs)
 
 
 # ---------------------------------------------------------------------------------- specs

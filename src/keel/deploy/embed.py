@@ -207,7 +207,7 @@ def load_model(checkpoint: str, img_size: int | None = None) -> tuple[nn.Module,
     """(backbone in eval mode, image side, model name, spec with absolute paths) of a spec."""
     from keel import hub
     model, size = hub.resolve_backbone(checkpoint, img_size, arg="--checkpoint")
-    name = hub._source(checkpoint, "--checkpoint").name
+    name, _ = hub.model_of(checkpoint, "--checkpoint")
     return model.eval(), size, name, _absolute_spec(checkpoint)
 
 

@@ -363,7 +363,7 @@ def export(checkpoint: str, fmt: str = "onnx", out: str | Path | None = None, *,
     run = finetune_run(checkpoint)
     what = ("logits" if run else "embedding") if what == "auto" else what
     # the keel model name, for the card and messages (hub reads cards and configs, no weights)
-    name = hub._source(checkpoint, "--checkpoint").name
+    name, _ = hub.model_of(checkpoint, "--checkpoint")
     extra: dict = {"model": name, "checkpoint": str(checkpoint)}
     if what == "logits":
         if run is None:

@@ -56,11 +56,11 @@ def build_task(cfg: ClipConfig, vocab_size: int, context_length: int) -> tuple[C
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     backbone, size = hub.resolve_backbone(m.image, cfg.data.img_size or None, seed=cfg.train.seed, arg="model.image")
-    src = hub._source(m.image, "model.image")     # the name and kwargs the card records
+    name, kwargs = hub.model_of(m.image, "model.image")     # what the card records
     text = create_text_model(m.text, vocab_size=vocab_size, context_length=context_length, embed_dim=m.embed_dim)
     task = ClipTask(backbone, text, m.embed_dim, size, m.loss, m.local_loss, m.lock_image,
                     (cfg.data.crop_scale_min, 1.0))
-    meta = {"image_model": src.name, "image_kwargs": {**src.kwargs, "img_size": size}, "text_model": m.text,
+    meta = {"image_model": name, "image_kwargs": {**kwargs, "img_size": size}, "text_model": m.text,
             "text_kwargs": {"vocab_size": vocab_size, "context_length": context_length, "embed_dim": m.embed_dim},
             "embed_dim": m.embed_dim, "loss": m.loss, "img_size": size}
     return task, meta
