@@ -29,9 +29,13 @@ examples:
   keel clip train data.source=products.csv model.image=random:vit_small_patch16 data.img_size=96
   keel clip train data.source=photos/ model.image=runs/my-dino-run model.lock_image=true   # LiT
   keel clip train data.source=shards:/data/captioned model.image=runs/my-run model.loss=siglip
+  keel clip train --resume runs/clip-<run>          # after a crash: the same run, exactly
   keel clip zeroshot --checkpoint runs/clip-<run> --data fashion-mnist [--templates prompts.txt]
+                                     # = keel eval zeroshot model.backbone=RUN data.source=fashion-mnist
   keel clip retrieval --checkpoint runs/clip-<run> --data held-out-pairs.csv
   keel clip fusion --checkpoint runs/clip-<run> --data labeled-pairs/      # class sub-folders + .txt
+                                     # = keel finetune model.backbone=RUN data.source=labeled-pairs/ (keeps a head)
+  keel show retrieval --checkpoint runs/clip-<run> --data photos/ --query "a red dress"
   torchrun --nproc_per_node=8 -m keel clip train data.source=shards:/data/captioned model.image=random:vit_base_patch16
 
 configuration (train): defaults < the YAML file given with -c < section.key=value. Keys and defaults:

@@ -133,8 +133,23 @@ def test_caption_shards(tmp_path):
     assert "a photo of a red square" in texts and all(t.strip() for t in texts)
     src.encode = lambda ts: torch.tensor([[len(t)] for t in ts])
     batch = next(src.stream(0, 0, 4, 0, 0, 1, torch.device("cpu"), 0))
-    assert batch["images"].shape == (4, 3, 16, 16)
+    # whole images (16 px squares here) at the training side, for crops over the whole picture
+    assert batch["images"].shape == (4, 3, 18, 18)      # one size: no canvas, no "sizes"
     assert batch["labels"].shape == (4, 1) and all(int(n) in {len(t) for t in texts} for n in batch["labels"])
+
+    # the CUDA path (nvJPEG, one call a batch), run on the CPU, equals the workers' path; a sample
+    # whose caption is empty is skipped by both, with its reason
+    from keel.data.folders import collate_skip
+    raw = next(src.raw_batches(0, 0, 6))
+    raw[2][1]["txt"] = b"  "
+    dec = src.decoder()
+    by_device, by_workers = dec.on_device(raw, torch.device("cpu")), collate_skip([dec[r] for r in raw])
+    assert dec.fallbacks == 0
+    assert by_device.keys() == by_workers.keys()
+    for key in ("images", "labels", "index", "skipped"):
+        assert torch.equal(by_device[key], by_workers[key]), key
+    assert by_device["skipped"].tolist() == [raw[2][0]] and by_device["reasons"] == ["empty text"]
+    assert by_device["labels"].flatten().tolist() == [len(m["txt"].decode().strip()) for k, m in raw if k != raw[2][0]]
 
 
 def _cli(argv):
@@ -211,3 +226,26 @@ def test_show_retrieval_draws_the_images_closest_to_each_text(trained, tmp_path,
     assert main(["show", "retrieval", "--checkpoint", res["run_dir"], "--data", str(tmp_path / "colors"),
                  "--out", str(tmp_path / "pic2"), "--device", "cpu"]) == 0
     assert drawn["args"][0] == [f"a photo of a {c}" for c in sorted(COLORS)]
+
+
+def test_pairs_train_on_whole_images_of_any_shape(tmp_path):
+    from keel.data.pairs import PairData
+    root = tmp_path / "pairs"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(16, 24), (24, 16), (16, 16), (20, 30)] * 8):
+        rgb = list(COLORS.values())[i % 4]
+        img = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w).contiguous()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a {list(COLORS)[i % 4]} thing")
+    rec = read_pairs(str(root))
+    whole = PairData(rec, torch.zeros(len(rec), 4, dtype=torch.int64), 16, whole=True)
+    # the training side is 16 * 8/7 = 18 on the shorter side, the aspect kept; evaluation centre-crops
+    assert [tuple(whole[i][0].shape[1:]) for i in range(4)] == [(18, 27), (27, 18), (18, 18), (18, 27)]
+    assert tuple(PairData(rec, whole.labels, 16)[0][0].shape) == (3, 16, 16)
+    res = clip_train(_cfg(tmp_path, "train.epochs=2", "train.batch_size=8"), tmp_path / "run", quiet=True)
+    assert res["steps"] == 8 and res["skipped_images"] == 0 and torch.isfinite(torch.tensor(res["loss"]))
+    cfg = _cfg(tmp_path, "data.crop_from=middle")
+    from keel.config import ConfigError
+    with pytest.raises(ConfigError, match="crop_from"):
+        clip_train(cfg, tmp_path / "bad", quiet=True)

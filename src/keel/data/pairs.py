@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
+from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, _scan_images
 from keel.data.shards import ShardSource, _Decoder, _resolve, is_shards
@@ -145,12 +145,13 @@ def _csv_pairs(path: Path, image_column: str, text_column: str, label_column: st
 class PairData(Dataset):
     """Pairs as a dataset for the shared loaders: ``labels`` are the tokens. In-memory images
     expose ``images`` (indexed directly, resident on the GPU); paths decode lazily, centre-cropped
-    to ``img_size``, an undecodable file coming back as its reason."""
+    to ``img_size`` or, with ``whole`` (training), whole with their aspect kept (as
+    :class:`keel.data.folders.ImageFolder`), an undecodable file coming back as its reason."""
 
-    def __init__(self, records: PairRecords, tokens: torch.Tensor, img_size: int):
+    def __init__(self, records: PairRecords, tokens: torch.Tensor, img_size: int, whole: bool = False):
         if len(tokens) != len(records):
             raise ValueError(f"{len(tokens)} token rows for {len(records)} pairs")
-        self.records, self.img_size = records, int(img_size)
+        self.records, self.img_size, self.whole = records, int(img_size), bool(whole)
         self.labels = tokens
         self.paths = records.paths
         self.name = records.name
@@ -162,7 +163,10 @@ class PairData(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = _pil_to_tensor(_resize_center_crop(load_image(self.paths[i]), self.img_size))
+            if self.whole:
+                image = decode_whole(self.paths[i], train_side(self.img_size))
+            else:
+                image = _pil_to_tensor(_resize_center_crop(load_image(self.paths[i]), self.img_size))
         except BadImageError as e:
             return _reason(e, self.paths[i]), self.labels[i], int(i)
         return image, self.labels[i], int(i)
@@ -170,11 +174,12 @@ class PairData(Dataset):
 
 class PairShards(ShardSource):
     """``keel shards`` output with captions: each sample's ``txt`` member is its caption, tokenized
-    by ``encode`` (a callable ``list[str] -> (N, L)``, set once the tokenizer exists). Decoding
-    is on the CPU workers (nvJPEG's batch path knows no captions)."""
+    by ``encode`` (a callable ``list[str] -> (N, L)``, set once the tokenizer exists). Images
+    decode as for pretraining: whole (``whole``, the default) for crops over the whole picture,
+    in CPU workers, or on CUDA through nvJPEG, a batch's JPEGs in one call."""
 
-    def __init__(self, spec: str, img_size: int, shuffle_buffer: int = 4096):
-        super().__init__(spec, img_size, shuffle_buffer, whole=False)
+    def __init__(self, spec: str, img_size: int, shuffle_buffer: int = 4096, whole: bool = True):
+        super().__init__(spec, img_size, shuffle_buffer, whole=whole)
         self.encode = None
 
     def texts(self, limit: int = 0) -> list[str]:
@@ -191,39 +196,49 @@ class PairShards(ShardSource):
                                 return out
         return out
 
-    def stream(self, epoch, skip, batch_size, seed, rank, world, device, num_workers=2, skipped=None):
-        from keel.data.batches import finish_batch
-        from keel.data.folders import collate_skip
+    def decoder(self) -> "_PairDecoder":
         if self.encode is None:
             raise DataError("PairShards.encode is not set: train or load the tokenizer first")
-        raws = self.raw_batches(epoch, seed, batch_size, rank, world, skip)
-        loader = torch.utils.data.DataLoader(_PairDecoder(self.img_size, self.encode), batch_sampler=raws,
-                                             num_workers=num_workers, collate_fn=collate_skip)
-        for batch in loader:
-            out = finish_batch(batch, batch_size // world, device, refill=True, skipped=skipped)
-            out["global_size"] = batch_size
-            yield out
+        plain = super().decoder()
+        return _PairDecoder(plain.side, self.img_size, plain.reduce, self.encode)
+
+
+def _caption(members: dict) -> str:
+    return (members.get("txt") or b"").decode("utf-8", "replace").strip()
 
 
 class _PairDecoder(_Decoder):
-    def __init__(self, img_size: int, encode):
-        super().__init__(None, img_size)
+    """The image as :class:`keel.data.shards._Decoder` decodes it, the caption's tokens as label."""
+
+    def __init__(self, side: int | None, img_size: int, reduce: bool, encode):
+        super().__init__(side, img_size, reduce)
         self.encode = encode
 
     def __getitem__(self, raw):
-        key, members = raw
         image, _, key = super().__getitem__(raw)
-        text = (members.get("txt") or b"").decode("utf-8", "replace").strip()
+        text = _caption(raw[1])
         tokens = self.encode([text or " "])[0]
         if not text and torch.is_tensor(image):
             return "empty text", tokens, key
         return image, tokens, key
 
+    def on_device(self, raw: list, device: torch.device) -> dict:
+        texts = [_caption(m) for _, m in raw]
+        batch = super().on_device([r for r, t in zip(raw, texts) if t], device)
+        by_key = {key: t for (key, _), t in zip(raw, texts)}
+        kept = [by_key[int(k)] for k in batch["index"]]
+        batch["labels"] = self.encode(kept) if kept else self.encode([" "])[:0]
+        empty = [key for (key, _), t in zip(raw, texts) if not t]
+        if empty:
+            batch["skipped"] = torch.cat([batch["skipped"], torch.tensor(empty, dtype=torch.int64)])
+            batch["reasons"] = batch["reasons"] + ["empty text"] * len(empty)
+        return batch
+
 
 def pair_source(source: str, image_column: str = "", text_column: str = "", img_size: int = 32,
-                shuffle_buffer: int = 4096):
+                shuffle_buffer: int = 4096, whole: bool = True):
     """``(PairRecords, None)`` for a folder or CSV, ``(None, PairShards)`` for shards."""
     if is_shards(source):
         _resolve(source)    # a clear error for a bad path before anything else
-        return None, PairShards(source, img_size, shuffle_buffer)
+        return None, PairShards(source, img_size, shuffle_buffer, whole)
     return read_pairs(source, image_column, text_column), None

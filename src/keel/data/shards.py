@@ -261,9 +261,7 @@ class ShardSource:
         ``sizes``), ``labels`` (-1 without classes), ``global_size``; undecodable samples go to
         ``skipped`` and the batch is refilled with its decodable images."""
         raws = self.raw_batches(epoch, seed, batch_size, rank, world, skip)
-        side = train_side(self.img_size) if self.whole else None
-        # stored images under twice the side never need libjpeg's reduced-size decode
-        decode = _Decoder(side, self.img_size, reduce=side is None or int(self.index["max_side"]) >= 2 * side)
+        decode = self.decoder()
         if device.type == "cuda":
             batches = (decode.on_device(raw, device) for raw in raws)
         else:
@@ -274,6 +272,12 @@ class ShardSource:
             out = finish_batch(batch, batch_size // world, device, refill=True, skipped=skipped)
             out["global_size"] = batch_size
             yield out
+
+
+    def decoder(self) -> "_Decoder":
+        side = train_side(self.img_size) if self.whole else None
+        # stored images under twice the side never need libjpeg's reduced-size decode
+        return _Decoder(side, self.img_size, reduce=side is None or int(self.index["max_side"]) >= 2 * side)
 
 
 class _Decoder(torch.utils.data.Dataset):

@@ -47,6 +47,8 @@ def check(cfg: ClipConfig) -> None:
     if m.embed_dim < 1 or d.vocab_size < 260 or d.context_length < 0 or d.img_size < 0:
         raise ConfigError("model.embed_dim must be >= 1, data.vocab_size >= 260 (the 256 bytes and 3 special "
                           "tokens), data.context_length and data.img_size >= 0")
+    if d.crop_from not in ("whole", "center"):
+        raise ConfigError(f"data.crop_from must be whole or center, got {d.crop_from!r}")
     if not 0.0 < d.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
 
@@ -92,7 +94,8 @@ def clip_train(cfg: ClipConfig | None, run_dir: str | Path | None = None, resume
     run_dir = Path(D.broadcast_object(str(run_dir)))
     d = cfg.data
     records, shards = (pairs, None) if pairs is not None else \
-        pair_source(d.source, d.image_column, d.text_column, d.img_size or 32, d.shuffle_buffer)
+        pair_source(d.source, d.image_column, d.text_column, d.img_size or 32, d.shuffle_buffer,
+                    whole=d.crop_from == "whole")
     ctx = d.context_length or _own_context(cfg.model.text)
     tok_path = run_dir / "tokenizer.json"
     if resume and tok_path.is_file():
@@ -105,7 +108,7 @@ def clip_train(cfg: ClipConfig | None, run_dir: str | Path | None = None, resume
     task, meta = build_task(cfg, tokenizer.vocab_size, tokenizer.context_length)
     d.img_size = meta["img_size"]      # config.yaml records the size used
     if records is not None:
-        data = PairData(records, tokenizer.encode(records.texts), meta["img_size"])
+        data = PairData(records, tokenizer.encode(records.texts), meta["img_size"], whole=d.crop_from == "whole")
     else:
         shards.img_size = meta["img_size"]
         shards.encode = tokenizer.encode

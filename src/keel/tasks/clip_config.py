@@ -4,7 +4,7 @@
 Defaults follow open_clip's recipe where it carries over to a team's own few thousand pairs: AdamW
 with weight decay 0.2, a cosine schedule with warm-up; the lr is 5e-4 per 256 pairs (keel scales it
 linearly with the batch; open_clip's 5e-4 at 32k pairs would leave a small run where it started); light random crops
-(scale 0.9-1: captions describe the whole picture). The tokenizer is trained on the run's own
+over the whole image (scale 0.9-1: captions describe the whole picture). The tokenizer is trained on the run's own
 captions (data.vocab_size), never downloaded.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ class ClipDataConfig:
     vocab_size: int = 8192          # BPE vocabulary trained on the captions
     context_length: int = 0         # tokens per caption; 0 = the text tower's
     crop_scale_min: float = 0.9     # random resized crops of this area fraction up to 1
+    crop_from: str = "whole"        # crops drawn over the "whole" image (aspect kept) or the "center" square
     shuffle_buffer: int = 4096      # shards only
     num_workers: int = 2
 
