@@ -88,8 +88,11 @@ def test_two_processes_train_the_towers_of_one(tmp_path, launch_workers):
     one = clip_train(_cfg(tmp_path), tmp_path / "one", quiet=True, pairs=_pairs())
     results = launch_workers(__file__, tmp_path)
     assert [r["steps"] for r in results] == [one["steps"]] * 2 == [8, 8]
+    # the default run directory holds the time: every process uses rank 0's
+    two = Path(results[0]["run_dir"])
+    assert results[1]["run_dir"] == str(two) and two.parent == tmp_path and two.name.startswith("clip-vit_tiny")
     assert all(abs(r["loss"] - one["loss"]) < 1e-4 for r in results)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = _weights(tmp_path / "one"), _weights(two)
     for k in a:
         x, y = a[k], b[k]
         if k.endswith("qkv.bias"):
@@ -101,10 +104,13 @@ def test_two_processes_train_the_towers_of_one(tmp_path, launch_workers):
 
 
 def _worker(task: Path) -> None:
+    import os
+    import keel.jobs.clip
     from keel.engine import distributed as D
-    D.init_distributed("cpu")
-    res = clip_train(_cfg(task), task / "two", quiet=True, pairs=_pairs())
-    torch.save({"steps": res["steps"], "loss": res["loss"]}, task / f"rank{D.rank()}.pt")
+    if os.environ["RANK"] == "1":    # a clock that reads apart: the default run directory must still be rank 0's
+        keel.jobs.clip.time = type("Clock", (), {"strftime": staticmethod(lambda fmt: "another-second")})
+    res = clip_train(_cfg(task), None, quiet=True, pairs=_pairs())
+    torch.save({"steps": res["steps"], "loss": res["loss"], "run_dir": res["run_dir"]}, task / f"rank{D.rank()}.pt")
     D.barrier()
     torch.distributed.destroy_process_group()
 

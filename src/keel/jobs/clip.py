@@ -90,8 +90,9 @@ def clip_train(cfg: ClipConfig | None, run_dir: str | Path | None = None, resume
     if pairs is not None and not cfg.data.source:
         cfg.data.source = pairs.name
     check(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    run_dir = Path(D.broadcast_object(str(run_dir)))
+    D.init_distributed(cfg.train.device)
+    # one name for every process (the default holds the time, which processes read apart)
+    run_dir = Path(D.broadcast_object(str(run_dir if run_dir is not None else default_run_dir(cfg))))
     d = cfg.data
     records, shards = (pairs, None) if pairs is not None else \
         pair_source(d.source, d.image_column, d.text_column, d.img_size or 32, d.shuffle_buffer,
