@@ -123,7 +123,8 @@ class TrainConfig:
     parallel: str = "ddp"           # ddp (every process holds the whole model) | fsdp (FSDP2: parameters,
                                     # gradients and optimizer state sharded over the processes)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
-    auto_resume: bool = True        # under torchrun, a restarted group resumes from the last checkpoint
+    auto_resume: bool = True        # a run directory holding a checkpoint of this same config continues from it
+                                    # (torchrun restart, requeued job, restarted pod, the command run again)
     channels_last: bool = True      # only used for conv nets on GPU
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0

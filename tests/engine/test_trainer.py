@@ -141,6 +141,45 @@ def test_resume_after_a_crash_redoes_the_lost_steps(run_a, tiny_cfg_factory, tmp
     assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
+def test_the_same_run_started_again_continues_from_its_checkpoint(run_a, tiny_cfg_factory, tmp_path, capsys):
+    """A requeued job or a restarted pod runs the same command again, without --resume: with
+    train.auto_resume (default) it continues and ends as the uninterrupted run; another config in
+    that directory, or auto_resume off, starts over."""
+    _, dir_a, _, _ = run_a
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_5(run_dir, *extra):
+        real, calls = SimCLR.training_step, []
+
+        def step(self, batch):
+            calls.append(1)
+            if len(calls) == 5:
+                raise Killed
+            return real(self, batch)
+        SimCLR.training_step = step
+        try:
+            with pytest.raises(Killed):
+                pretrain(tiny_cfg_factory("train.ckpt_every=3", *extra), run_dir, quiet=True)
+        finally:
+            SimCLR.training_step = real
+        assert load_checkpoint(run_dir)["step"] == 3
+
+    run_b = tmp_path / "b"
+    killed_at_step_5(run_b)
+    capsys.readouterr()
+    pretrain(tiny_cfg_factory("train.ckpt_every=3", "data.num_workers=0"), run_b)
+    assert "resuming" in capsys.readouterr().out
+    assert_same_losses(dir_a, run_b)
+    assert_same_weights(dir_a, run_b)
+    for other in ("train.lr=0.5", "train.auto_resume=false"):
+        run_c = tmp_path / other.replace("=", "-")
+        killed_at_step_5(run_c, *(["train.auto_resume=false"] if "auto" in other else []))
+        pretrain(tiny_cfg_factory("train.ckpt_every=3", other), run_c, quiet=True)
+        assert [m["step"] for m in metrics(run_c)][:5] == [1, 2, 3, 4, 1]      # from the start
+
+
 def test_resume_is_exact_with_lars_and_clipping(tiny_cfg_factory, tmp_path):
     # LARS keeps its own momentum buffers and per-group flags: they must survive a weights-only load
     opts = ("train.optimizer=lars", "train.lr=0.3", "train.clip_grad=1.0", "train.epochs=1")

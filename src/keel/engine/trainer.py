@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 from tqdm import tqdm
 
 from keel.config import save_config, to_dict
@@ -51,11 +52,13 @@ class Trainer:
         self.quiet = quiet
         self.dist = D.init_distributed(cfg.train.device)
         self.device = self.dist.device
-        if not resume and cfg.train.auto_resume and D.restarted() and self.has_checkpoint():
-            # torchrun restarted the group after a failure: carry on from the last checkpoint
+        if not resume and cfg.train.auto_resume and self.has_checkpoint() and (D.restarted() or self._same_run()):
+            # the same run started again (torchrun's restart, a requeued Slurm job, a restarted pod or
+            # Ray worker, the command run twice): carry on from its last checkpoint, lose nothing
             self.resume = True
             if self.is_main and not quiet:
-                print(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: resuming {self.run_dir}")
+                print(f"resuming {self.run_dir} from its last checkpoint: the same run started again "
+                      "(train.auto_resume=false starts it over)")
         self.sharded = cfg.train.parallel == "fsdp"
         p = cfg.train.precision
         if p == "auto":
@@ -72,6 +75,15 @@ class Trainer:
 
     def has_checkpoint(self) -> bool:
         return self.run_dir is not None and has_checkpoint(self.run_dir)
+
+    def _same_run(self) -> bool:
+        """Whether the run directory's config.yaml holds this config (the keys a resume may change aside)."""
+        try:
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return False
+        now = _flat(to_dict(self.cfg))
+        return all(_flat(saved).get(k) == v for k, v in now.items() if k not in _RUN_ONLY)
 
     @property
     def writes(self) -> bool:
