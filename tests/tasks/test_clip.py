@@ -131,6 +131,7 @@ def test_caption_shards(tmp_path):
     src = PairShards(f"shards:{tmp_path / 'shards'}", 16)
     texts = src.texts()
     assert "a photo of a red square" in texts and all(t.strip() for t in texts)
+    assert PairShards(f"shards:file://{tmp_path / 'shards'}", 16).texts() == texts     # a URL: streamed
     src.encode = lambda ts: torch.tensor([[len(t)] for t in ts])
     batch = next(src.stream(0, 0, 4, 0, 0, 1, torch.device("cpu"), 0))
     # whole images (16 px squares here) at the training side, for crops over the whole picture

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from torch.utils.data import Dataset
 from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, _scan_images
-from keel.data.shards import ShardSource, _Decoder, _resolve, is_shards
+from keel.data.shards import ShardSource, _Decoder, _Lazy, _resolve, _samples, is_shards
 
 _IMAGE_COLUMNS = ("image", "filepath", "path", "image_path", "file")
 _TEXT_COLUMNS = ("text", "caption", "title", "captions")
@@ -185,15 +184,13 @@ class PairShards(ShardSource):
     def texts(self, limit: int = 0) -> list[str]:
         """The non-empty captions, read from the tar files (txt members only), for the tokenizer."""
         out = []
-        for s in self.shards:
-            with tarfile.open(os.path.join(self.location, s["name"]), "r:") as tf:
-                for info in tf:
-                    if info.isfile() and info.name.endswith(".txt"):
-                        t = tf.extractfile(info).read().decode("utf-8", "replace").strip()
-                        if t:
-                            out.append(t)
-                            if limit and len(out) >= limit:
-                                return out
+        for s in self.shards:       # local tars: only the txt members are read; URLs stream the shard
+            for _, members in _samples(self.location, s["name"], 0, int(s["count"])):
+                t = _caption(members.load(("txt",)) if isinstance(members, _Lazy) else members)
+                if t:
+                    out.append(t)
+                    if limit and len(out) >= limit:
+                        return out
         return out
 
     def decoder(self) -> "_PairDecoder":

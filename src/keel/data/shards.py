@@ -126,10 +126,13 @@ class _Lazy:
     def __init__(self, path: str, members: list[tuple[str, int, int]]):
         self.path, self.members = path, members
 
-    def load(self) -> dict[str, bytes]:
+    def load(self, only: tuple[str, ...] = ()) -> dict[str, bytes]:
+        """The members' bytes (``only``: just these extensions)."""
         with open(self.path, "rb") as fh:
             out = {}
             for ext, offset, size in self.members:
+                if only and ext not in only:
+                    continue
                 fh.seek(offset)
                 out[ext] = fh.read(size)
             return out
