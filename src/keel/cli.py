@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from keel.cli_clip import add_parser as add_clip_parser
@@ -289,9 +287,8 @@ def cmd_finetune(args) -> int:
     if os.environ.get("RANK", "0") != "0":      # under torchrun rank 0 reports (and wrote run_dir)
         return 0
     if "kept" in res:                           # image + text: fusion heads (keel.jobs.fusion)
-        print(f"test top-1 on {res['test']} pairs ({res['classes']} classes): image-only {res['image']:.1f}, "
-              f"text-only {res['text']:.1f}, late fusion {res['concat']:.1f}, attention fusion "
-              f"{res['attention']:.1f}\nkept the {res['kept']} head: {run_dir}/fusion.safetensors")
+        from keel.tasks.fusion import describe_fusion
+        print(f"{describe_fusion(res)}\nkept the {res['kept']} head: {run_dir}/fusion.safetensors")
         return 0
     key = res["main_metric"]
     if "lr_search" in res:
@@ -323,7 +320,7 @@ def cmd_show(args) -> int:
         return 0
 
     if args.picture == "retrieval":
-        from keel.jobs.fusion import is_clip_run
+        from keel.jobs.clip import is_clip_run
         if not is_clip_run(spec):
             raise ValueError(f"keel show retrieval needs a keel clip train run as --checkpoint; '{spec}' has no clip.json")
         out = _writable(Path(args.out) if args.out else Path(spec))

@@ -81,47 +81,19 @@ def cmd_clip(args) -> int:
     from keel.engine.distributed import resolve_device
     device = resolve_device(args.device)
     if args.action == "fusion":
-        from keel.tasks.fusion import fusion_from_run
+        from keel.jobs.fusion import fusion_from_run
+        from keel.tasks.fusion import describe_fusion
         res = fusion_from_run(args.checkpoint, args.data, epochs=args.epochs, device=str(device))
-        print(f"test top-1 on {res['test']} pairs ({res['classes']} classes): image-only {res['image']:.1f}, "
-              f"text-only {res['text']:.1f}, late fusion {res['concat']:.1f}, attention fusion {res['attention']:.1f}")
+        print(describe_fusion(res))
         return _write(args, "fusion", res)
+    from keel.evaluate import zeroshot as Z
     if args.action == "zeroshot":
-        return _write(args, "zeroshot", zeroshot(args.checkpoint, args.data, args.templates, args.classes,
-                                                 args.split, device))
-    return _write(args, "retrieval", retrieval(args.checkpoint, args.data, device))
-
-
-def zeroshot(run: str, data: str, templates: str | None, classes: str | None, split: str, device) -> dict:
-    """Zero-shot top-1/top-5 of an image-text run on a labeled image set, printed in one line
-    (``keel clip zeroshot`` and ``keel eval zeroshot``)."""
-    from keel.data.sources import build_dataset
-    from keel.evaluate.zeroshot import DEFAULT_TEMPLATES, read_templates, zeroshot_eval
-    from keel.jobs.clip import load_clip
-    task, tok = load_clip(run, device)
-    dataset = build_dataset(data, split, task.img_size, labeled=True)
-    names = dataset.classes
-    if classes:
-        names = [ln.strip() for ln in Path(classes).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(names) != len(dataset.classes):
-            raise ConfigError(f"{classes}: {len(names)} class names for {len(dataset.classes)} classes in {data}")
-    res = zeroshot_eval(task, tok, dataset, names, read_templates(templates) if templates else list(DEFAULT_TEMPLATES))
-    print(f"zero-shot on {res['images']} images, {res['classes']} classes, {res['templates']} templates: "
-          f"top-1 {res['top1']:.1f}, top-5 {res['top5']:.1f} (chance {res['chance']:.1f})")
-    return res
-
-
-def retrieval(run: str, data: str, device) -> dict:
-    """Recall@1/5/10 both ways of an image-text run on held-out pairs, printed in one line."""
-    from keel.data.pairs import PairData, read_pairs
-    from keel.evaluate.zeroshot import retrieval_eval
-    from keel.jobs.clip import load_clip
-    task, tok = load_clip(run, device)
-    rec = read_pairs(data)
-    res = retrieval_eval(task, tok, PairData(rec, tok.encode(rec.texts), task.img_size))
-    print(f"retrieval over {res['pairs']} pairs ({res['texts']} distinct captions): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in res.items() if "@" in k))
-    return res
+        res = Z.zeroshot_from_run(args.checkpoint, args.data, args.templates, args.classes, args.split, device)
+        print(Z.describe_zeroshot(res))
+        return _write(args, "zeroshot", res)
+    res = Z.retrieval_from_run(args.checkpoint, args.data, device)
+    print(Z.describe_retrieval(res))
+    return _write(args, "retrieval", res)
 
 
 def _write(args, what: str, res: dict) -> int:

@@ -127,14 +127,18 @@ def cmd_eval(args) -> int:
 
 
 def _image_text(protocol: str, cfg) -> int:
-    from keel.cli_clip import retrieval, zeroshot
     from keel.engine.distributed import resolve_device
-    from keel.jobs.fusion import is_clip_run
+    from keel.evaluate import zeroshot as Z
+    from keel.jobs.clip import is_clip_run
     run, source, device = cfg.model.backbone[0], cfg.data.source[0], resolve_device(cfg.run.device)
     if not is_clip_run(run):
         raise ConfigError(f"keel eval {protocol} needs a keel clip train run as model.backbone; '{run}' has no clip.json")
-    res = zeroshot(run, source, cfg.eval.templates, cfg.eval.classes, "test", device) if protocol == "zeroshot" \
-        else retrieval(run, source, device)
+    if protocol == "zeroshot":
+        res = Z.zeroshot_from_run(run, source, cfg.eval.templates, cfg.eval.classes, "test", device)
+        print(Z.describe_zeroshot(res))
+    else:
+        res = Z.retrieval_from_run(run, source, device)
+        print(Z.describe_retrieval(res))
     if cfg.eval.json:
         Path(cfg.eval.json).write_text(json.dumps(res, indent=2))
     return 0

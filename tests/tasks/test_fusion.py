@@ -44,7 +44,7 @@ def test_fusion_from_a_clip_run(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_clip import _cfg, _write_folder
     from keel.jobs.clip import clip_train
-    from keel.tasks.fusion import fusion_from_run
+    from keel.jobs.fusion import fusion_from_run
     _write_folder(tmp_path / "flat", n=32)
     # labeled pairs: class sub-folders, a caption beside each image
     files = sorted((tmp_path / "flat").glob("00*.png"))

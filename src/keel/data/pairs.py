@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, _scan_images
-from keel.data.shards import ShardSource, _Decoder, _Lazy, _resolve, _samples, is_shards
+from keel.data.shards import ShardSource, _Decoder, _Lazy, _samples, is_shards
 
 _IMAGE_COLUMNS = ("image", "filepath", "path", "image_path", "file")
 _TEXT_COLUMNS = ("text", "caption", "title", "captions")
@@ -236,6 +236,5 @@ def pair_source(source: str, image_column: str = "", text_column: str = "", img_
                 shuffle_buffer: int = 4096, whole: bool = True):
     """``(PairRecords, None)`` for a folder or CSV, ``(None, PairShards)`` for shards."""
     if is_shards(source):
-        _resolve(source)    # a clear error for a bad path before anything else
         return None, PairShards(source, img_size, shuffle_buffer, whole)
     return read_pairs(source, image_column, text_column), None

@@ -288,7 +288,7 @@ class _Decoder(torch.utils.data.Dataset):
 
     def __init__(self, side: int | None, img_size: int, reduce: bool = True):
         self.side, self.img_size, self.reduce = side, img_size, reduce
-        self.fallbacks = 0      # batches nvJPEG refused as a whole (counted for tests and logs)
+        self.fallbacks = 0      # batches nvJPEG refused as a whole (the tests read it)
 
     def __len__(self) -> int:        # pragma: no cover - the batch sampler decides
         return 0

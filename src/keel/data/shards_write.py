@@ -25,7 +25,7 @@ import random
 import tarfile
 import time
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from PIL import Image
 

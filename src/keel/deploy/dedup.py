@@ -137,8 +137,7 @@ def run_dedup(index_dir: str | os.PathLike, threshold: float, out: str | os.Path
         png = _plot_groups(index, ordered[:show], names, out / "dedup.png", threshold, len(groups))
     return {"groups": len(groups), "in_groups": int(sum(len(g) for g in groups)), "drop": len(drop), "pairs": pairs,
             "largest": int(len(groups[0])) if groups else 0, "count": int(index["count"]),
-            "csv": str(out / "groups.csv"), "drop_file": str(out / "drop.txt"), "png": str(png) if png else None,
-            "group_rows": [rows for rows, _ in ordered]}
+            "csv": str(out / "groups.csv"), "drop_file": str(out / "drop.txt"), "png": str(png) if png else None}
 
 
 def _plot_groups(index: dict, groups: list[tuple[np.ndarray, np.ndarray]], names: dict, path: Path,

@@ -14,16 +14,17 @@ in [0, 1], then (x - mean) / std); the card says how.
 
 How (one route for every family; all seven pass both formats on torch 2.13 and 2.14):
 
-* The graph is captured with ``torch.export.export(strict=True)``: TorchDynamo keeps ``len(x)``
-  (keel's ViT sizes its class tokens with it) symbolic, where non-strict tracing (torch.export's
-  default in recent versions) fixes the example's batch into the graph, and so does
-  ``torch.onnx.export(model, dynamo=True)`` given the module itself (torch 2.14).
+* The graph is captured with ``torch.export.export(strict=True)``: TorchDynamo keeps a batch size
+  that a model reads as a Python number (``len(x)``, which keel's ViT used before it read
+  ``x.shape[0]``) symbolic, where non-strict tracing (torch.export's default in recent versions)
+  fixes the example's batch into the graph, and so does ``torch.onnx.export(model, dynamo=True)``
+  given the module itself (torch 2.14).
 * ``torch-export``: that program, ``torch.export.save``-d (``.pt2``); load it with
   ``torch.export.load(path).module()``.
 * ``onnx``, torch >= 2.6: the torch.export-based ONNX exporter on that program
   (``torch.onnx.export(program, dynamo=True)``), the batch axis renamed ``batch``. torch < 2.6
   has no such exporter for a program: the TorchScript exporter with ``dynamic_axes`` (opset 17)
-  is used there; its tracer records a Python int read from a tensor (``len(x)``) as a constant,
+  is used there; its tracer records a Python int read from a tensor as a constant,
   which the check at other batch sizes catches. Weights go inside the one file below ~1.8 GB,
   else into ``FILE.data`` beside it (protobuf's 2 GB limit).
 

@@ -124,13 +124,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
-    return x
-
-
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         x = x.clone()

@@ -5,6 +5,8 @@
   :func:`zeroshot_eval` scores a labeled image set against them (top-1 / top-5, percent).
 * :func:`retrieval_recall`: recall@K both ways on paired embeddings: image -> text and
   text -> image; identical captions are one text, answered by any of their images.
+* :func:`zeroshot_from_run`, :func:`retrieval_from_run`: both for a ``keel clip train`` run
+  directory (``keel eval zeroshot | retrieval``, ``keel clip zeroshot | retrieval``).
 
 Embeddings come from :class:`keel.tasks.clip.ClipTask` (``embed_images``, ``encode_text``), all
 L2-normalised, so a dot product is the cosine similarity both towers were trained on.
@@ -127,3 +129,38 @@ def top_images(task, tokenizer, query: str, image_emb: Tensor, k: int = 8) -> tu
     """(scores, rows) of the ``k`` images closest to a text query."""
     q = embed_texts(task, tokenizer, [query])[0]
     return (image_emb @ q).topk(min(k, len(image_emb)))
+
+
+def zeroshot_from_run(run: str | Path, data: str, templates: str | None = None, classes: str | None = None,
+                      split: str = "test", device="cpu") -> dict:
+    """:func:`zeroshot_eval` of a ``keel clip train`` run on a labeled image set (a built-in name or
+    class folders); ``templates`` / ``classes``: files, one template (with ``{}``) / name a line."""
+    from keel.data.sources import build_dataset
+    from keel.jobs.clip import load_clip
+    task, tok = load_clip(run, device)
+    dataset = build_dataset(data, split, task.img_size, labeled=True)
+    names = dataset.classes
+    if classes:
+        names = [ln.strip() for ln in Path(classes).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(names) != len(dataset.classes):
+            raise ValueError(f"{classes}: {len(names)} class names for {len(dataset.classes)} classes in {data}")
+    return zeroshot_eval(task, tok, dataset, names, read_templates(templates) if templates else list(DEFAULT_TEMPLATES))
+
+
+def retrieval_from_run(run: str | Path, data: str, device="cpu") -> dict:
+    """:func:`retrieval_eval` of a ``keel clip train`` run on image-text pairs (a folder or CSV)."""
+    from keel.data.pairs import PairData, read_pairs
+    from keel.jobs.clip import load_clip
+    task, tok = load_clip(run, device)
+    rec = read_pairs(data)
+    return retrieval_eval(task, tok, PairData(rec, tok.encode(rec.texts), task.img_size))
+
+
+def describe_zeroshot(res: dict) -> str:
+    return (f"zero-shot on {res['images']} images, {res['classes']} classes, {res['templates']} templates: "
+            f"top-1 {res['top1']:.1f}, top-5 {res['top5']:.1f} (chance {res['chance']:.1f})")
+
+
+def describe_retrieval(res: dict) -> str:
+    return (f"retrieval over {res['pairs']} pairs ({res['texts']} distinct captions): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in res.items() if "@" in k))

@@ -146,6 +146,11 @@ def save_towers(task: ClipTask, meta: dict, cfg: ClipConfig, result: dict, run_d
     write_json(run_dir / "clip.json", meta)
 
 
+def is_clip_run(spec: str) -> bool:
+    """Whether ``spec`` is a ``keel clip train`` run directory (it has clip.json)."""
+    return bool(spec) and (Path(spec).expanduser() / "clip.json").is_file()
+
+
 def load_clip(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ClipTask, CaptionTokenizer]:
     """The trained task (eval mode) and its tokenizer, from clip.json, clip.safetensors and tokenizer.json."""
     from safetensors.torch import load_file

@@ -288,7 +288,8 @@ def run_finetune(cfg: FinetuneConfig | None, run_dir: str | Path | None = None, 
     if not cfg.model.backbone:
         raise ConfigError("model.backbone is not set: a run directory, timm:<model>:<file> or random:<model>")
     check(cfg)
-    from keel.jobs.fusion import is_clip_run, run_fusion
+    from keel.jobs.clip import is_clip_run
+    from keel.jobs.fusion import run_fusion
     if is_clip_run(cfg.model.backbone):          # image + text data: heads on both towers' embeddings
         if resume:
             raise ConfigError("a fusion run trains heads on frozen embeddings in minutes: run it again, no --resume")

@@ -6,6 +6,7 @@ an attention-fusion head train on the same split (every 5th pair held out) with 
 and ``train.seed``, and all four test top-1 go into result.json side by side. The head named by
 ``task.fusion`` is kept: ``fusion.safetensors`` (its weights and the embeddings' standardisation)
 and ``fusion.json`` (how to rebuild it, the class names, the image-text run it reads).
+:func:`fusion_from_run` is the same comparison without a run directory (``keel clip fusion``).
 :func:`load_fusion` gives it back. The other fine-tuning keys (views, recipes, distillation) are for
 images alone and are not used here.
 """
@@ -18,12 +19,32 @@ from pathlib import Path
 import torch
 
 from keel.config import ConfigError, FinetuneConfig, save_config
+from keel.data.pairs import PairData, read_pairs
 from keel.engine.checkpoint import save_weights, write_json
-from keel.tasks.fusion import FUSED, FusionHead, fusion_from_run
+from keel.evaluate.zeroshot import embed_dataset, embed_texts
+from keel.jobs.clip import load_clip
+from keel.tasks.fusion import FUSED, FusionHead, fusion_eval
 
 
-def is_clip_run(spec: str) -> bool:
-    return bool(spec) and (Path(os.path.expanduser(spec)) / "clip.json").is_file()
+def fusion_from_run(run_dir: str | Path, source: str, epochs: int = 100, device: str = "cpu", seed: int = 0,
+                    heads: dict | None = None) -> dict:
+    """Fusion vs single-tower heads on labeled pairs (a folder of class sub-folders with a .txt per
+    image, or a CSV with a label column), embedded by a ``keel clip train`` run's frozen towers.
+    The result holds the class names; ``heads`` (a dict) receives the trained heads."""
+    task, tok = load_clip(run_dir, device)
+    rec = read_pairs(source)
+    if not rec.classes:
+        raise ValueError(f"'{source}' has no labels: give class sub-folders or a CSV label column")
+    data = PairData(rec, tok.encode(rec.texts), task.img_size)
+    img, _, rows = embed_dataset(task, data)
+    txt = embed_texts(task, tok, [rec.texts[int(r)] for r in rows])
+    y = rec.labels[rows]
+    test = torch.arange(len(rows)) % 5 == 0
+    res = fusion_eval((img[~test], txt[~test], y[~test]), (img[test], txt[test], y[test]), len(rec.classes),
+                      epochs=epochs, seed=seed, heads=heads)
+    res.update(train=int((~test).sum()), test=int(test.sum()), classes=len(rec.classes),
+               class_names=list(rec.classes), skipped_pairs=dict(rec.skipped))
+    return res
 
 
 def run_fusion(cfg: FinetuneConfig, run_dir: str | Path) -> dict:

@@ -10,14 +10,10 @@ as buffers, so a saved head takes raw embeddings):
   token, one Transformer encoder layer over the three, a linear layer on the class token; the
   attention weighs the modalities per example.
 
-:func:`fusion_eval` trains all four and reports test top-1; :func:`fusion_from_run` does it for a
-``keel clip train`` run on labeled pairs (every 5th pair held out, as keel's labeled folders do)
-and returns the trained heads too; ``keel finetune model.backbone=CLIP_RUN`` and ``keel clip
-fusion`` call it (:mod:`keel.jobs.fusion`).
+:func:`fusion_eval` trains all four and reports test top-1; the same for a
+``keel clip train`` run on labeled pairs is :func:`keel.jobs.fusion.fusion_from_run`.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -104,26 +100,6 @@ def fusion_eval(train: tuple[Tensor, Tensor, Tensor], test: tuple[Tensor, Tensor
     return out
 
 
-def fusion_from_run(run_dir: str | Path, source: str, image_column: str = "", text_column: str = "",
-                    label_column: str = "", epochs: int = 100, device: str = "cpu", seed: int = 0,
-                    heads: dict | None = None) -> dict:
-    """Fusion vs single-tower heads on labeled pairs (a folder of class sub-folders with a .txt per
-    image, or a CSV with a label column), embedded by a ``keel clip train`` run's frozen towers.
-    The result holds the class names; ``heads`` (a dict) receives the trained heads."""
-    from keel.data.pairs import PairData, read_pairs
-    from keel.evaluate.zeroshot import embed_dataset, embed_texts
-    from keel.jobs.clip import load_clip
-    task, tok = load_clip(run_dir, device)
-    rec = read_pairs(source, image_column, text_column, label_column)
-    if not rec.classes:
-        raise ValueError(f"'{source}' has no labels: give class sub-folders or a CSV label column")
-    data = PairData(rec, tok.encode(rec.texts), task.img_size)
-    img, _, rows = embed_dataset(task, data)
-    txt = embed_texts(task, tok, [rec.texts[int(r)] for r in rows])
-    y = rec.labels[rows]
-    test = torch.arange(len(rows)) % 5 == 0
-    res = fusion_eval((img[~test], txt[~test], y[~test]), (img[test], txt[test], y[test]), len(rec.classes),
-                      epochs=epochs, seed=seed, heads=heads)
-    res.update(train=int((~test).sum()), test=int(test.sum()), classes=len(rec.classes),
-               class_names=list(rec.classes), skipped_pairs=dict(rec.skipped))
-    return res
+def describe_fusion(res: dict) -> str:
+    return (f"test top-1 on {res['test']} pairs ({res['classes']} classes): image-only {res['image']:.1f}, "
+            f"text-only {res['text']:.1f}, late fusion {res['concat']:.1f}, attention fusion {res['attention']:.1f}")
