@@ -1,63 +1,19 @@
-"""keel.engine.checkpoint: atomic writes, weights-only checkpoints, verified backbone artifacts."""
+"""keel.engine.checkpoint: checkpoints written atomically, weights-only loads, verified backbone artifacts."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import stat
 
 import pytest
 import torch
 
-from keel.engine.checkpoint import (atomic_write, export_backbone, load_backbone, load_checkpoint, read_card,
+from keel.engine.checkpoint import (export_backbone, load_backbone, load_checkpoint, read_card,
                                     save_checkpoint, sha256)
 from keel.models.registry import create_model
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ---------------------------------------------------------------- atomic_write
-def test_atomic_write_replaces_completely(tmp_path):
-    target = tmp_path / "sub" / "file.bin"      # the folder is created
-    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"first"))
-    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"second"))
-    assert target.read_bytes() == b"second"
-    assert os.listdir(target.parent) == ["file.bin"]
-    # a plain file mode (umask applied), not tempfile's 0600
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
-
-
-def test_atomic_write_failure_keeps_previous_file(tmp_path):
-    target = tmp_path / "last.pt"
-    target.write_bytes(b"the good checkpoint")
-    before = target.stat().st_mtime_ns
-
-    def half_then_crash(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"half of a new checkp")
-            f.flush()
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, half_then_crash)
-    assert target.read_bytes() == b"the good checkpoint"
-    assert target.stat().st_mtime_ns == before
-    assert os.listdir(tmp_path) == ["last.pt"]     # no temp file left behind
-
-
-def test_atomic_write_failure_without_previous_file(tmp_path):
-    def crash(tmp):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(tmp_path / "new.pt", crash)
-    assert os.listdir(tmp_path) == []
-
-
+# ---------------------------------------------------------------- atomic writes (keel.files)
 def test_atomic_write_failing_torch_save_keeps_checkpoint(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, {"step": 3, "w": torch.ones(2)})

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from keel.files import atomic_write_text
 from keel.data.decode import load_image
 from keel.data.errors import BadImageError, DataError
 from keel.data.shards import FORMAT, VERSION, read_index
@@ -236,15 +237,6 @@ def _run_shard(task: tuple) -> tuple[int, dict]:
 # ----------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _settings(src: str, source: Source, max_side: int, quality: int, per_shard: int, shuffled: bool) -> dict:
     digest = hashlib.sha256()
     for it in source.items:
@@ -308,7 +300,7 @@ def _resume_records(out: str, settings: dict, n_shards: int) -> dict[int, dict]:
                 p = os.path.join(out, rec["name"])
                 if 0 <= shard < n_shards and os.path.isfile(p) and os.path.getsize(p) == rec["bytes"]:
                     done[shard] = rec
-    _atomic_write(settings_path, json.dumps(settings, indent=1))
+    atomic_write_text(settings_path, json.dumps(settings, indent=1))
     return done
 
 
@@ -386,8 +378,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, max_side: in
              "shards": [{k: r[k] for k in ("name", "count", "bytes", "first")} for r in records],
              "dropped": len(dropped), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "keel": _version()}
-    _atomic_write(os.path.join(out, _DROPPED), "".join(f"{p}\t{r}\n" for p, r in dropped))
-    _atomic_write(os.path.join(out, _INDEX), json.dumps(index, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, _DROPPED), "".join(f"{p}\t{r}\n" for p, r in dropped))
+    atomic_write_text(os.path.join(out, _INDEX), json.dumps(index, indent=1) + "\n")
     for f in (_PROGRESS, _SETTINGS):
         os.remove(os.path.join(out, f))
     run.update(seconds=time.perf_counter() - start, bytes_in=sum(r["bytes_in"] for r in records))

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from keel.files import atomic_write_text
 from keel.data.builtins import (  # noqa: F401  (re-exported)
     _BUILTINS,
     DEFAULT_FASHION_MNIST_DIR,
@@ -135,10 +136,7 @@ def _cached_files(root: str, file_list) -> list[str] | None:
     if not paths:
         raise DataError(f"no image files found under '{root}'")
     # whole or not at all: another process of the run may read it while this one writes
-    file_list.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file_list.with_name(f".{file_list.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"root": root, "files": [os.path.relpath(p, root) for p in paths]}))
-    os.replace(tmp, file_list)
+    atomic_write_text(file_list, json.dumps({"root": root, "files": [os.path.relpath(p, root) for p in paths]}))
     return paths
 
 

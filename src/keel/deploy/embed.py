@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from keel.files import atomic_write_with
 from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import ImageFolder, _reason
@@ -251,30 +252,20 @@ def embed_files(model: nn.Module, img_size: int, paths: list[str], batch_size: i
 
 
 # ------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb" if path.suffix == ".npy" else "w", **({} if path.suffix == ".npy" else
-                                                             {"encoding": "utf-8", "newline": ""})) as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_chunk(out: Path, c: int, feats: np.ndarray, columns: tuple[str, ...], rows: list[list[str]],
                  skipped: list[tuple[str, str]], seconds: float) -> None:
     """The chunk's two files, then its record: a chunk with a record is complete."""
     npy, names = chunk_files(c)
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / npy, lambda fh: np.save(fh, feats))
+    atomic_write_with(out / npy, lambda fh: np.save(fh, feats), binary=True)
 
     def write_rows(fh):
         w = csv.writer(fh)
         w.writerow(columns)
         w.writerows(rows)
-    _atomic_write(out / names, write_rows)
+    atomic_write_with(out / names, write_rows)
     record = {"chunk": c, "count": len(rows), "skipped": skipped, "seconds": round(seconds, 3)}
-    _atomic_write(out / PROGRESS / f"chunk-{c:05d}.json", lambda fh: fh.write(json.dumps(record)))
+    atomic_write_with(out / PROGRESS / f"chunk-{c:05d}.json", lambda fh: fh.write(json.dumps(record)))
 
 
 def _done(out: Path, c: int) -> dict | None:
@@ -289,7 +280,7 @@ def _check_settings(out: Path, settings: dict, is_main: bool) -> None:
     from keel.engine.distributed import barrier
     path = out / SETTINGS
     if is_main and not path.exists():
-        _atomic_write(path, lambda fh: fh.write(json.dumps(settings, indent=1)))
+        atomic_write_with(path, lambda fh: fh.write(json.dumps(settings, indent=1)))
     barrier()
     old = json.loads(path.read_text())
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -311,8 +302,8 @@ def _finish(out: Path, settings: dict, n_chunks: int, dim: int, started: float) 
     index = {"format": FORMAT, "version": VERSION, **settings, "dim": dim, "count": first,
              "skipped": len(skipped), "chunks": chunks,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - started, 1)}
-    _atomic_write(out / SKIPPED, lambda fh: fh.write("".join(f"{p}\t{r}\n" for p, r in skipped)))
-    _atomic_write(out / INDEX, lambda fh: fh.write(json.dumps(index, indent=1) + "\n"))
+    atomic_write_with(out / SKIPPED, lambda fh: fh.write("".join(f"{p}\t{r}\n" for p, r in skipped)))
+    atomic_write_with(out / INDEX, lambda fh: fh.write(json.dumps(index, indent=1) + "\n"))
     return index
 
 

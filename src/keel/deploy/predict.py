@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from keel.files import atomic_write_with
 from keel.data.errors import DataError
 
 __all__ = ["ClassifierRun", "finetune_run", "load_classifier_run", "open_data", "predict"]
@@ -209,10 +210,10 @@ def predict(checkpoint: str, data: str, out: str | os.PathLike | None = None, *,
     skipped: dict[int, str] = {}
     predicted = 0
     t0 = time.perf_counter()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as fh, tqdm(total=len(ds), desc="predict", unit="img", dynamic_ncols=True,
-                                                    disable=not progress) as bar:
+
+    def write(fh) -> None:
+        nonlocal predicted
+        with tqdm(total=len(ds), desc="predict", unit="img", dynamic_ncols=True, disable=not progress) as bar:
             writer = csv.writer(fh)
             writer.writerow(header(run, k))
             batches = load_batches(ds, index_batches, dev, num_workers, skipped=skipped, index=True)
@@ -231,10 +232,8 @@ def predict(checkpoint: str, data: str, out: str | os.PathLike | None = None, *,
                         writer.writerow([name_of(i), *blank, skipped.get(i, "cannot decode")])
                 predicted += len(rows)
                 bar.update(len(idx))         # tqdm shows the rate in img/s
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write_with(out, write)        # the CSV appears whole, or not at all
     seconds = time.perf_counter() - t0
     return {"out": out, "kind": run.kind, "images": len(ds), "predicted": predicted,
             "skipped": len(ds) - predicted, "seconds": round(seconds, 3),

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import functools
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from keel.files import atomic_write_text
 from keel.engine import distributed as D
 
 POINTER = "last.json"
@@ -152,9 +152,8 @@ def save_sharded(ckpt_dir: Path, step: int, model: nn.Module, optimizer, meta: d
     D.barrier()                                  # every shard is on disk
     if D.rank() == 0:
         torch.save(meta, target / "meta.pt")
-        tmp = ckpt_dir / f".{POINTER}.tmp"
-        tmp.write_text(json.dumps({"dir": target.name, "step": step, "world_size": D.world_size()}))
-        os.replace(tmp, ckpt_dir / POINTER)
+        atomic_write_text(ckpt_dir / POINTER, json.dumps({"dir": target.name, "step": step,
+                                                          "world_size": D.world_size()}))
         for old in ckpt_dir.glob("dcp-*"):
             if old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)

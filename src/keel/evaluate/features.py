@@ -13,14 +13,13 @@ Features always come back as float32 on the CPU, labels as int64 on the CPU.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from keel.files import atomic_write
 from keel.data.batches import load_batches
 
 __all__ = ["extract_features", "cached_features"]
@@ -129,18 +128,9 @@ def _load_cache(path: Path) -> tuple[Tensor, Tensor]:
 def _save_cache(path: Path, features: Tensor, labels: Tensor) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, tmp,
-                  metadata={"num_items": str(features.shape[0]),
-                            "dim": str(features.shape[1] if features.ndim == 2 else 0)})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(
+        {"features": features.contiguous(), "labels": labels.contiguous()}, tmp,
+        metadata={"num_items": str(features.shape[0]), "dim": str(features.shape[1] if features.ndim == 2 else 0)}))
 
 
 def cached_features(backbone: nn.Module, dataset, transform: Callable[[Tensor], Tensor],

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 
 from keel import hub
+from keel.files import atomic_write_text
 from keel.config import FinetuneConfig, override
 from keel.data.sources import labeled_splits
 from keel.engine.distributed import resolve_device
@@ -137,9 +138,7 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def _log(progress: bool, msg: str) -> None:
