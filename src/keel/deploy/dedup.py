@@ -48,10 +48,12 @@ def union(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
         np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
 
 
-def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """(n,) label of each node's component (its smallest member) for the edges (u[i], v[i])."""
+def components(n: int, edges) -> np.ndarray:
+    """(n,) label of each node's component (its smallest member); ``edges``: (u, v) arrays, batch
+    by batch (the pairs of a similarity scan arrive block by block)."""
     parent = np.arange(n, dtype=np.int64)
-    union(parent, np.asarray(u, np.int64), np.asarray(v, np.int64))
+    for u, v in edges:
+        union(parent, np.asarray(u, np.int64), np.asarray(v, np.int64))
     return _find(parent, np.arange(n, dtype=np.int64))
 
 
@@ -72,13 +74,14 @@ def similar_pairs(index: dict, threshold: float, block_rows: int = 4096):
 
 def find_groups(index: dict, threshold: float, block_rows: int = 4096) -> tuple[list[np.ndarray], int]:
     """(groups: arrays of rows, largest first, each sorted by row; the number of pairs found)."""
-    n = int(index["count"])
-    parent = np.arange(n, dtype=np.int64)
-    pairs = 0
-    for u, v, _ in similar_pairs(index, threshold, block_rows):
-        union(parent, u, v)
-        pairs += len(u)
-    labels = _find(parent, np.arange(n, dtype=np.int64))
+    found = [0]
+
+    def edges():
+        for u, v, _ in similar_pairs(index, threshold, block_rows):
+            found[0] += len(u)
+            yield u, v
+    labels = components(int(index["count"]), edges())
+    pairs = found[0]
     order = np.argsort(labels, kind="stable")
     cuts = np.flatnonzero(np.diff(labels[order])) + 1
     groups = [g for g in np.split(order, cuts) if len(g) > 1]
