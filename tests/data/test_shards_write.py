@@ -168,6 +168,13 @@ def test_csv_with_label_and_text(tmp_path):
     (root / "nolabel.csv").write_text("image\nimgs/0.png\nimgs/1.png\n")     # no label, no text: fine
     plain = _run(root / "nolabel.csv", tmp_path / "out2")
     assert plain["classes"] is None and plain["text"] is False and plain["count"] == 2
+    # the columns keel clip train finds are the ones keel shards finds: one CSV serves both
+    (root / "captions.csv").write_text("FilePath,Title,Category\nimgs/0.png,a red thing,x\nimgs/3.png,a blue one,y\n")
+    pairs = _run(root / "captions.csv", tmp_path / "out4", shuffle=False)
+    assert pairs["text"] is True and pairs["classes"] == ["x", "y"] and pairs["count"] == 2
+    from keel.data.pairs import read_pairs
+    rec = read_pairs(str(root / "captions.csv"))
+    assert [s["txt"].decode() for s in _read(tmp_path / "out4")] == rec.texts == ["a red thing", "a blue one"]
     (root / "bad.csv").write_text("name,label\nimgs/0.png,a\n")
     with pytest.raises(DataError, match="no image column"):
         _run(root / "bad.csv", tmp_path / "out3")

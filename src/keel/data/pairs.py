@@ -31,8 +31,10 @@ from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, _scan_images
 from keel.data.shards import ShardSource, _Decoder, _Lazy, _samples, is_shards
 
-_IMAGE_COLUMNS = ("image", "filepath", "path", "image_path", "file")
-_TEXT_COLUMNS = ("text", "caption", "title", "captions")
+# A CSV's columns, found by name (case-insensitive): here and in keel shards
+IMAGE_COLUMNS = ("image", "filepath", "path", "image_path", "file")
+TEXT_COLUMNS = ("text", "caption", "title", "captions")
+LABEL_COLUMNS = ("label", "class", "category")
 
 
 @dataclass
@@ -124,9 +126,9 @@ def _csv_pairs(path: Path, image_column: str, text_column: str, label_column: st
         reader = csv.DictReader(f)
         fields = list(reader.fieldnames or [])
         rows = list(reader)
-    img = _column(fields, image_column, _IMAGE_COLUMNS, "image", path)
-    txt = _column(fields, text_column, _TEXT_COLUMNS, "text", path)
-    lab = _column(fields, label_column, ("label", "class", "category"), "label", path)
+    img = _column(fields, image_column, IMAGE_COLUMNS, "image", path)
+    txt = _column(fields, text_column, TEXT_COLUMNS, "text", path)
+    lab = _column(fields, label_column, LABEL_COLUMNS, "label", path)
     skipped: dict[str, int] = {}
     keep = _keep([r.get(txt) for r in rows], skipped)
     rows = [r for r, k in zip(rows, keep) if k]

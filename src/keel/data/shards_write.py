@@ -32,13 +32,13 @@ from PIL import Image
 from keel.files import atomic_write_text
 from keel.data.decode import load_image
 from keel.data.errors import BadImageError, DataError
+from keel.data.pairs import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS
 from keel.data.shards import FORMAT, VERSION, read_index
 from keel.data.folders import read_exclude, _check_enough_classes, _check_labeled, _class_of, _looked_for, _reason, _scan_images
 
 __all__ = ["write_shards", "read_index"]
 
 _PROGRESS, _SETTINGS, _INDEX, _DROPPED = ".progress.jsonl", ".settings.json", "index.json", "dropped.txt"
-_IMAGE_COLUMNS, _TEXT_COLUMNS = ("image", "path", "file"), ("text", "caption")
 
 
 class Item(NamedTuple):
@@ -112,15 +112,16 @@ def _csv_source(path: str, labeled: bool | None, exclude: set[str]) -> Source:
             rows = [(reader.line_num, row) for row in reader if any(f.strip() for f in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read '{path}' as a UTF-8 CSV file: {getattr(e, 'strerror', None) or e}") from None
-    img = _column(path, header, _IMAGE_COLUMNS, "image")
+    img = _column(path, header, IMAGE_COLUMNS, "image")
     if img is None:
-        raise DataError(f"'{path}' has no image column (image, path or file) in its header {header}")
+        raise DataError(f"'{path}' has no image column ({', '.join(IMAGE_COLUMNS)}) in its header {header}")
     if "labels" in header or "primary" in header:
         raise DataError(f"'{path}' has multi-label/two-level columns; keel shards takes one 'label' per row")
-    lab = _column(path, header, ("label",), "label")
-    txt = _column(path, header, _TEXT_COLUMNS, "text")
+    lab = _column(path, header, LABEL_COLUMNS, "label")
+    txt = _column(path, header, TEXT_COLUMNS, "text")
     if labeled and lab is None:
-        raise DataError(f"'{path}' has no 'label' column, so it cannot be converted as labeled")
+        raise DataError(f"'{path}' has no label column ({', '.join(LABEL_COLUMNS)}), so it cannot be converted "
+                        "as labeled")
     if labeled is False:
         lab = None
     base = os.path.dirname(path)
