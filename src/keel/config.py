@@ -30,7 +30,8 @@ class DataConfig:
     num_workers: int = 2            # decoding workers for image folders and shards (built-ins need none)
     shuffle_buffer: int = 4096      # shards: samples each process holds to shuffle its stream
     exclude: str = ""               # a file of images to leave out, one path a line (keel dedup's drop.txt;
-                                    # absolute or relative to the folder; '#' lines ignored); folders only
+                                    # absolute or relative to the folder; '#' lines ignored); pretraining
+                                    # folders only
 
 
 @dataclass

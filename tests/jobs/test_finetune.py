@@ -292,6 +292,7 @@ def test_deit_recipe_fills_exactly_the_deit_values(capsys):
     ({"aug.mixup": -1.0}, "Beta alphas"), ({"aug.reprob": 1.5}, "reprob"), ({"train.model_ema": 1.0}, "model_ema"),
     ({"train.repeated_aug": 0}, "repeated_aug"), ({"train.repeated_aug": 65}, "repeated_aug"),
     ({"distill.teacher": "random:resnet10_cifar"}, "distill.kind=none"), ({"distill.tau": 0.0}, "distill.tau"),
+    ({"data.exclude": "drop.txt"}, "data.exclude is for pretraining"),
 ])
 def test_recipe_and_distillation_keys_are_checked(kw, match):
     with pytest.raises(ConfigError, match=match):

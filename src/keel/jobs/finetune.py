@@ -64,6 +64,9 @@ def check(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"train.layer_decay must be in (0, 1], got {tr.layer_decay}")
     if any(not 0.0 <= m <= 1.0 for m in tr.milestones):
         raise ConfigError(f"train.milestones are fractions of training in [0, 1], got {tr.milestones}")
+    if cfg.data.exclude:
+        raise ConfigError("data.exclude is for pretraining folders; keel finetune trains on every labeled image: "
+                          "leave the files out of the labeled folder or CSV instead")
     if cfg.data.test_source and not str(cfg.data.source).lower().endswith(".csv"):
         raise ConfigError("data.test_source is for a CSV source: folders and built-ins carry their own test split")
     if not 0.0 < t.threshold < 1.0:
