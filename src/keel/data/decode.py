@@ -145,6 +145,14 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def decode_center(path: str | os.PathLike, size: int, data: bytes | None = None,
+                  draft: tuple[int, int] | None = None) -> torch.Tensor:
+    """Evaluation's decode: uint8 (3, size, size), the shorter side resized to ``size`` and the
+    centre cropped (``data``: the file's bytes, when read already; ``draft``: see :func:`load_image`).
+    Raises :class:`BadImageError` for a file that does not decode."""
+    return _pil_to_tensor(_resize_center_crop(load_image(path, data, draft), size))
+
+
 def count_decodable(paths, limit: int = 5000) -> int | None:
     """How many of ``paths`` decode, for a run's header; None past ``limit`` files (decoding a
     large folder twice is not worth a number the run's end reports anyway)."""

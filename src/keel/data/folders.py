@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
+from keel.data.decode import decode_center, decode_whole, train_side
 from keel.data.errors import BadImageError, DataError, _check_img_size
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "collate_skip", "pad_images"]
@@ -178,11 +178,9 @@ class ImageFolder(Dataset):
         try:
             if self.whole:
                 return decode_whole(self.paths[i], train_side(self.img_size)), label, int(i)
-            im = load_image(self.paths[i])
+            return decode_center(self.paths[i], self.img_size), label, int(i)
         except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
             return _reason(e, self.paths[i]), label, int(i)
-        im = _resize_center_crop(im, self.img_size)
-        return _pil_to_tensor(im), label, int(i)
 
     def subset(self, indices: torch.Tensor) -> "ImageFolder":
         indices = torch.as_tensor(indices, dtype=torch.int64)

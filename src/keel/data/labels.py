@@ -32,15 +32,8 @@ import torch
 from torch.utils.data import Dataset
 
 from keel.data.folders import _reason
-from keel.data.sources import (
-    BadImageError,
-    DataError,
-    collate_skip,
-    _check_img_size,
-    _pil_to_tensor,
-    _resize_center_crop,
-    load_image,
-)
+from keel.data.decode import decode_center
+from keel.data.sources import BadImageError, DataError, _check_img_size, collate_skip
 
 __all__ = ["LabeledCSV", "collate_targets", "LABEL_SEPARATORS"]
 
@@ -242,11 +235,9 @@ class LabeledCSV(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor, int]:
         target = self.labels[i]
         try:
-            im = load_image(self.paths[i])
+            return decode_center(self.paths[i], self.img_size), target, int(i)
         except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
             return _reason(e, self.paths[i]), target, int(i)
-        im = _resize_center_crop(im, self.img_size)
-        return _pil_to_tensor(im), target, int(i)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "LabeledCSV":
         """The items at ``indices``, with the same class lists (and hierarchy) as this dataset."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from keel.data.decode import _pil_to_tensor, _resize_center_crop, decode_whole, load_image, train_side
+from keel.data.decode import decode_center, decode_whole, train_side
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, _scan_images
 from keel.data.shards import ShardSource, _Decoder, _Lazy, _samples, is_shards
@@ -167,7 +167,7 @@ class PairData(Dataset):
             if self.whole:
                 image = decode_whole(self.paths[i], train_side(self.img_size))
             else:
-                image = _pil_to_tensor(_resize_center_crop(load_image(self.paths[i]), self.img_size))
+                image = decode_center(self.paths[i], self.img_size)
         except BadImageError as e:
             return _reason(e, self.paths[i]), self.labels[i], int(i)
         return image, self.labels[i], int(i)

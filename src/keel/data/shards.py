@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from keel.data.batches import finish_batch
-from keel.data.decode import _check_jpeg_end, _decode_jpeg_tv, _is_jpeg, decode_whole, fit_side, fitted_size, train_side
+from keel.data.decode import (_check_jpeg_end, _decode_jpeg_tv, _is_jpeg, decode_center, decode_whole, fit_side,
+                              fitted_size, train_side)
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, collate_skip
 
@@ -301,8 +302,7 @@ class _Decoder(torch.utils.data.Dataset):
             return "no image in the sample", label, key
         try:
             if self.side is None:
-                from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
-                return _pil_to_tensor(_resize_center_crop(load_image(f"{key:09d}", image), self.img_size)), label, key
+                return decode_center(f"{key:09d}", self.img_size, image), label, key
             return decode_whole(f"{key:09d}", self.side, image, self.reduce), label, key
         except BadImageError as e:
             return _reason(e, f"{key:09d}"), label, key

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from keel.files import atomic_write_with
-from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
+from keel.data.decode import decode_center
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import ImageFolder, _reason
 
@@ -116,7 +116,6 @@ class _ShardData:
 
     def batches(self, ranges, batch_size, num_workers, device):
         from keel.data.folders import collate_skip
-        from keel.data.shards import _Decoder
         sources: dict[int, str] = {}
 
         def raw_batches():
@@ -131,7 +130,7 @@ class _ShardData:
                 if batch:
                     yield batch
         # the batch sampler runs here and hands whole samples (their bytes) to the workers to decode
-        loader = torch.utils.data.DataLoader(_Decoder(None, self.img_size), batch_sampler=raw_batches(),
+        loader = torch.utils.data.DataLoader(self.src.decoder(), batch_sampler=raw_batches(),
                                              num_workers=num_workers, collate_fn=collate_skip,
                                              pin_memory=device.type == "cuda")
         name = self.src.name_of
@@ -161,10 +160,9 @@ class _EvalFolder(ImageFolder):
         path = self.paths[i]
         try:
             # draft keeps both sides >= 2 * img_size, so the bilinear resize still has the pixels
-            im = load_image(path, draft=(2 * self.img_size, 2 * self.img_size))
+            return decode_center(path, self.img_size, draft=(2 * self.img_size, 2 * self.img_size)), -1, int(i)
         except BadImageError as e:
             return _reason(e, path), -1, int(i)
-        return _pil_to_tensor(_resize_center_crop(im, self.img_size)), -1, int(i)
 
 
 def _kind_of(data: str) -> str:
@@ -427,7 +425,7 @@ def open_image(index: dict, name: str, side: int) -> torch.Tensor:
     centre-cropped); a grey square when it can no longer be read."""
     try:
         if index["kind"] == "folder":
-            return _pil_to_tensor(_resize_center_crop(load_image(name), side))
+            return decode_center(name, side)
         if index["kind"] == "builtin":
             source, split, i = name.rsplit(":", 2)
             return _builtin_images(source, split, side)[int(i)]
@@ -439,7 +437,7 @@ def open_image(index: dict, name: str, side: int) -> torch.Tensor:
             if k == int(key):
                 members = members.load() if isinstance(members, _Lazy) else members
                 data = members.get("jpg") or members.get("jpeg") or members.get("png") or members.get("webp")
-                return _pil_to_tensor(_resize_center_crop(load_image(name, data), side))
+                return decode_center(name, side, data)
         raise BadImageError(f"no sample {key} in {shard}")
     except (BadImageError, DataError, OSError, ValueError, StopIteration):
         return torch.full((3, side, side), 128, dtype=torch.uint8)

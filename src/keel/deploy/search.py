@@ -220,7 +220,7 @@ def run_search(index_dir: str | os.PathLike, query: str, k: int = 10, out: str |
 
 def _plot_hits(index: dict, queries: list[str], rows: np.ndarray, scores: np.ndarray, names: dict, path: Path,
                approximate: bool, side: int = 96, max_k: int = 10) -> Path:
-    from keel.data.decode import _pil_to_tensor, _resize_center_crop, load_image
+    from keel.data.decode import decode_center
     from keel.data.errors import BadImageError
     from keel.viz.pictures import plot_neighbors
 
@@ -228,7 +228,7 @@ def _plot_hits(index: dict, queries: list[str], rows: np.ndarray, scores: np.nda
     q_images = []
     for p in queries:
         try:
-            q_images.append(_pil_to_tensor(_resize_center_crop(load_image(p), side)))
+            q_images.append(decode_center(p, side))
         except BadImageError:
             q_images.append(torch.full((3, side, side), 128, dtype=torch.uint8))
     hits = torch.stack([torch.stack([open_image(index, names[int(r)][0], side) if r >= 0 else
