@@ -256,7 +256,8 @@ def cmd_pretrain(args) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"'{run_dir}' is not a run directory (no config.yaml in it)")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        if not any(run_dir.glob("checkpoints/last.*")) and not any(run_dir.glob("stage*/checkpoints/last.*")):
+        from keel.engine.checkpoint import has_checkpoint
+        if not has_checkpoint(run_dir) and not any(has_checkpoint(s) for s in run_dir.glob("stage*")):
             raise ConfigError(f"'{run_dir}' has no checkpoint yet (checkpoints/last.pt, or last.json for a sharded "
                               "one); start it again instead")
         result = pretrain(cfg, run_dir, resume=True)

@@ -247,6 +247,6 @@ def test_pairs_train_on_whole_images_of_any_shape(tmp_path):
     res = clip_train(_cfg(tmp_path, "train.epochs=2", "train.batch_size=8"), tmp_path / "run", quiet=True)
     assert res["steps"] == 8 and res["skipped_images"] == 0 and torch.isfinite(torch.tensor(res["loss"]))
     cfg = _cfg(tmp_path, "data.crop_from=middle")
-    from keel.config import ConfigError
-    with pytest.raises(ConfigError, match="crop_from"):
+    from keel.data.errors import DataError
+    with pytest.raises(DataError, match="crop_from"):
         clip_train(cfg, tmp_path / "bad", quiet=True)

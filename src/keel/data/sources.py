@@ -186,6 +186,15 @@ def build_dataset(
     return dataset
 
 
+CROP_FROM = ("whole", "center")
+
+
+def check_crop_from(value: str) -> None:
+    """data.crop_from: training crops over the "whole" image (aspect kept) or the "center" square."""
+    if value not in CROP_FROM:
+        raise DataError(f"data.crop_from must be whole or center, got {value!r}")
+
+
 def training_data(source: str, img_size: int, crop_from: str = "whole", subset: int = 0, seed: int = 0,
                   shuffle_buffer: int = 4096, file_list: str | os.PathLike | None = None, exclude: str = ""):
     """What a training job reads: shards (``shards:PATH``, see :mod:`keel.data.shards`), or the
@@ -194,8 +203,7 @@ def training_data(source: str, img_size: int, crop_from: str = "whole", subset: 
     evaluation sees it. ``file_list``: a folder's list of files, cached there on the first call
     and read back after (a large folder is walked once; a resumed run sees the same files).
     ``exclude``: a file listing images to leave out (``keel dedup``'s drop.txt), folders only."""
-    if crop_from not in ("whole", "center"):
-        raise DataError(f"data.crop_from must be whole or center, got {crop_from!r}")
+    check_crop_from(crop_from)
     if is_shards(source):
         if subset:
             raise DataError("data.subset does not apply to shards: make a smaller set with keel shards")

@@ -23,6 +23,7 @@ import torch
 from keel import __version__, hub
 from keel.config import ConfigError, load_config, to_dict
 from keel.data.pairs import PairData, PairRecords, pair_source
+from keel.data.sources import check_crop_from
 from keel.engine import distributed as D
 from keel.engine.checkpoint import export_backbone, save_weights, write_json
 from keel.engine.trainer import Trainer
@@ -47,8 +48,7 @@ def check(cfg: ClipConfig) -> None:
     if m.embed_dim < 1 or d.vocab_size < 260 or d.context_length < 0 or d.img_size < 0:
         raise ConfigError("model.embed_dim must be >= 1, data.vocab_size >= 260 (the 256 bytes and 3 special "
                           "tokens), data.context_length and data.img_size >= 0")
-    if d.crop_from not in ("whole", "center"):
-        raise ConfigError(f"data.crop_from must be whole or center, got {d.crop_from!r}")
+    check_crop_from(d.crop_from)
     if not 0.0 < d.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
 

@@ -31,7 +31,7 @@ from keel import hub
 from keel.config import ConfigError, FinetuneConfig, load_config, override, to_dict
 from keel.data.labels import LabeledCSV
 from keel.data.recipes import parse_randaugment
-from keel.data.sources import DataError, ImageFolder, is_shards, labeled_splits
+from keel.data.sources import DataError, ImageFolder, check_crop_from, is_shards, labeled_splits
 from keel.engine import distributed as D
 from keel.engine.checkpoint import has_checkpoint, save_weights, write_json
 from keel.engine.hooks import EMAHook, EvalHook
@@ -230,8 +230,7 @@ def labeled_data(cfg: FinetuneConfig):
     if is_shards(src):
         raise DataError("fine-tuning reads image folders, label CSVs and built-ins; shards (data.source=shards:...) "
                         "are for keel pretrain")
-    if cfg.data.crop_from not in ("whole", "center"):
-        raise DataError(f"data.crop_from must be whole or center, got {cfg.data.crop_from!r}")
+    check_crop_from(cfg.data.crop_from)
     if not str(src).lower().endswith(".csv"):
         train, test = labeled_splits(src, size)
         if isinstance(train, ImageFolder):     # training crops over the whole image; the test split stays centred
