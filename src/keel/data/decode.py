@@ -211,10 +211,13 @@ def fitted_size(h: int, w: int, side: int) -> tuple[int, int]:
 
 
 def fit_side(image: torch.Tensor, side: int) -> torch.Tensor:
-    """(3, h, w) uint8 scaled (antialiased when shrinking) to :func:`fitted_size`."""
+    """(3, h, w) uint8 scaled (antialiased when shrinking) to :func:`fitted_size`, on its device."""
     size = fitted_size(*image.shape[-2:], side)
     if size == tuple(image.shape[-2:]):
         return image
+    if image.device.type != "cpu":   # CUDA has no uint8 antialiased resize: in float, rounded back
+        x = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)
+        return x[0].round_().clamp_(0, 255).to(torch.uint8)
     # 4-D: the uint8 antialiased kernel (a 3-D tensor takes a path 50x slower)
     return F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", antialias=True)[0]
 

@@ -36,7 +36,7 @@ import torch
 
 from keel.data.batches import finish_batch
 from keel.data.decode import (_check_jpeg_end, _decode_jpeg_tv, _is_jpeg, decode_center, decode_whole, fit_side,
-                              fitted_size, train_side)
+                              train_side)
 from keel.data.errors import BadImageError, DataError
 from keel.data.folders import _reason, collate_skip
 
@@ -317,7 +317,7 @@ class _Decoder(torch.utils.data.Dataset):
                 _check_jpeg_end(f"{raw[i][0]:09d}", raw[i][1]["jpg"])
             decoded = _decode_jpeg_tv([raw[i][1]["jpg"] for i in jpegs], device=str(device)) if jpegs else []
             for i, image in zip(jpegs, decoded):
-                items[i] = (_fit_float(image, self.side), _label(raw[i][1]), raw[i][0])
+                items[i] = (fit_side(image, self.side), _label(raw[i][1]), raw[i][0])
         except (OSError, RuntimeError):  # one bad file fails the batch call: judge each file on the CPU
             self.fallbacks += 1
         items = [it if it is not None else self._to(self[r], device) for it, r in zip(items, raw)]
@@ -327,17 +327,6 @@ class _Decoder(torch.utils.data.Dataset):
     def _to(item: tuple, device: torch.device) -> tuple:
         image, label, key = item
         return (image.to(device) if torch.is_tensor(image) else image), label, key
-
-
-def _fit_float(image: torch.Tensor, side: int) -> torch.Tensor:
-    """:func:`fit_side` for a device without a uint8 antialiased resize: in float, rounded back."""
-    if image.device.type == "cpu":
-        return fit_side(image, side)
-    size = fitted_size(*image.shape[-2:], side)
-    if size == tuple(image.shape[-2:]):
-        return image
-    x = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)
-    return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _label(members: dict) -> int:

@@ -170,7 +170,9 @@ def sharded_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_sharded(where: Path, model: nn.Module, optimizer) -> dict:
     """Load a :func:`save_sharded` checkpoint into ``model``/``optimizer`` sharded over however many
-    processes run now; returns its meta."""
+    processes run now; returns its meta. The tensors and meta.pt load without running code, but
+    torch.distributed.checkpoint unpickles its own ``.metadata`` file (torch 2.4-2.14): resume
+    sharded runs from directories you trust (docs/scale.md)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
