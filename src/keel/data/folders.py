@@ -65,7 +65,7 @@ def _looked_for() -> str:
 # ----------------------------------------------------------------------------
 
 
-def _scan_images(root: str) -> list[str]:
+def scan_images(root: str) -> list[str]:
     """All image files under ``root`` (recursive, hidden entries skipped), sorted."""
     found: list[str] = []
     seen_dirs: set[str] = set()
@@ -150,7 +150,7 @@ class ImageFolder(Dataset):
         self.labeled = bool(labeled)
         self.name = name if name is not None else (os.path.basename(os.path.abspath(root)) or root)
         if paths is None:
-            paths = _scan_images(root)
+            paths = scan_images(root)
             if not paths:
                 raise DataError(f"no image files found under '{root}' (looked for {_looked_for()}, recursively)")
         self.paths = list(paths)
@@ -180,7 +180,7 @@ class ImageFolder(Dataset):
                 return decode_whole(self.paths[i], train_side(self.img_size)), label, int(i)
             return decode_center(self.paths[i], self.img_size), label, int(i)
         except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
-            return _reason(e, self.paths[i]), label, int(i)
+            return skip_reason(e, self.paths[i]), label, int(i)
 
     def subset(self, indices: torch.Tensor) -> "ImageFolder":
         indices = torch.as_tensor(indices, dtype=torch.int64)
@@ -212,7 +212,7 @@ def read_exclude(path: str | os.PathLike | None, base: str) -> set[str]:
     return {os.path.normpath(os.path.join(base, ln)) for ln in lines if ln and not ln.startswith("#")}
 
 
-def _reason(e: BadImageError, path: str) -> str:
+def skip_reason(e: BadImageError, path: str) -> str:
     """Why a file was skipped, in one line without its path (skipped.txt puts the path first)."""
     detail = str(e).split("': ", 1)[-1].replace(f" '{path}'", "").replace(str(path), "").strip()
     return detail or "cannot decode"

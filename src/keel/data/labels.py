@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from keel.data.folders import _reason
+from keel.data.folders import skip_reason
 from keel.data.decode import decode_center
 from keel.data.sources import BadImageError, DataError, _check_img_size, collate_skip
 
@@ -237,7 +237,7 @@ class LabeledCSV(Dataset):
         try:
             return decode_center(self.paths[i], self.img_size), target, int(i)
         except BadImageError as e:      # the reason travels in the image's place (see collate_skip)
-            return _reason(e, self.paths[i]), target, int(i)
+            return skip_reason(e, self.paths[i]), target, int(i)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "LabeledCSV":
         """The items at ``indices``, with the same class lists (and hierarchy) as this dataset."""

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from keel.data.decode import decode_center, decode_whole, train_side
 from keel.data.errors import BadImageError, DataError
-from keel.data.folders import _reason, _scan_images
+from keel.data.folders import skip_reason, scan_images
 from keel.data.shards import ShardSource, _Decoder, _Lazy, _samples, is_shards
 
 # A CSV's columns, found by name (case-insensitive): here and in keel shards
@@ -87,7 +87,7 @@ def read_pairs(source: str, image_column: str = "", text_column: str = "", label
 
 
 def _folder_pairs(root: Path) -> PairRecords:
-    paths = _scan_images(str(root))
+    paths = scan_images(str(root))
     if not paths:
         raise DataError(f"no image files found under '{root}'")
     texts = []
@@ -169,7 +169,7 @@ class PairData(Dataset):
             else:
                 image = decode_center(self.paths[i], self.img_size)
         except BadImageError as e:
-            return _reason(e, self.paths[i]), self.labels[i], int(i)
+            return skip_reason(e, self.paths[i]), self.labels[i], int(i)
         return image, self.labels[i], int(i)
 
 

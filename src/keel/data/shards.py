@@ -38,7 +38,7 @@ from keel.data.batches import finish_batch
 from keel.data.decode import (_check_jpeg_end, _decode_jpeg_tv, _is_jpeg, decode_center, decode_whole, fit_side,
                               train_side)
 from keel.data.errors import BadImageError, DataError
-from keel.data.folders import _reason, collate_skip
+from keel.data.folders import skip_reason, collate_skip
 
 __all__ = ["PREFIX", "FORMAT", "VERSION", "is_shards", "read_index", "ShardSource"]
 
@@ -305,7 +305,7 @@ class _Decoder(torch.utils.data.Dataset):
                 return decode_center(f"{key:09d}", self.img_size, image), label, key
             return decode_whole(f"{key:09d}", self.side, image, self.reduce), label, key
         except BadImageError as e:
-            return _reason(e, f"{key:09d}"), label, key
+            return skip_reason(e, f"{key:09d}"), label, key
 
     def on_device(self, raw: list[tuple[int, dict]], device: torch.device) -> dict:
         """One batch decoded by nvJPEG on ``device`` (its JPEGs in one call); other formats, and

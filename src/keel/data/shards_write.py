@@ -34,7 +34,7 @@ from keel.data.decode import load_image
 from keel.data.errors import BadImageError, DataError
 from keel.data.pairs import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS
 from keel.data.shards import FORMAT, VERSION, read_index
-from keel.data.folders import read_exclude, _check_enough_classes, _check_labeled, _class_of, _looked_for, _reason, _scan_images
+from keel.data.folders import read_exclude, _check_enough_classes, _check_labeled, _class_of, _looked_for, skip_reason, scan_images
 
 __all__ = ["write_shards", "read_index"]
 
@@ -64,7 +64,7 @@ class Source(NamedTuple):
 
 
 def _folder_source(root: str, labeled: bool | None, exclude: set[str]) -> Source:
-    found = _scan_images(root)
+    found = scan_images(root)
     if not found:
         raise DataError(f"no image files found under '{root}' (looked for {_looked_for()}, recursively)")
     paths = [p for p in found if os.path.normpath(p) not in exclude]
@@ -211,7 +211,7 @@ def _write_shard(out: str, shard: int, first: int, items: list[Item], max_side: 
             try:
                 jpeg, h, w = _encode(item.file, max_side, quality)
             except BadImageError as e:
-                dropped.append((item.path, item.where + _reason(e, item.file)))
+                dropped.append((item.path, item.where + skip_reason(e, item.file)))
                 continue
             key = f"{first + k:09d}"
             _member(tar, key + ".jpg", jpeg)

@@ -46,7 +46,7 @@ from keel.data.folders import (  # noqa: F401  (re-exported)
     ImageFolder,
     _check_enough_classes,
     _check_labeled,
-    _scan_images,
+    scan_images,
     collate_skip,
     read_exclude,
 )
@@ -111,7 +111,7 @@ def _build_folder(source: str, split: str, img_size: int, labeled: bool, file_li
         # One class list for every split, so label k means the same class in train and test.
         union: set[str] = set()
         for other in splits.values():
-            paths = _scan_images(other)
+            paths = scan_images(other)
             if paths:
                 union.update(_check_labeled(other, paths))
         classes = sorted(union)
@@ -132,7 +132,7 @@ def _cached_files(root: str, file_list) -> list[str] | None:
                 return [os.path.join(root, f) for f in saved["files"]]
         except (ValueError, KeyError, AttributeError):
             pass        # damaged: walk the folder again and rewrite it
-    paths = _scan_images(root)
+    paths = scan_images(root)
     if not paths:
         raise DataError(f"no image files found under '{root}'")
     # whole or not at all: another process of the run may read it while this one writes

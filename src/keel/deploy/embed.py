@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from keel.files import atomic_write_with
 from keel.data.decode import decode_center
 from keel.data.errors import BadImageError, DataError
-from keel.data.folders import ImageFolder, _reason
+from keel.data.folders import ImageFolder, skip_reason
 
 __all__ = ["FORMAT", "VERSION", "embed", "embed_files", "read_index", "open_image", "chunk_files"]
 
@@ -162,7 +162,7 @@ class _EvalFolder(ImageFolder):
             # draft keeps both sides >= 2 * img_size, so the bilinear resize still has the pixels
             return decode_center(path, self.img_size, draft=(2 * self.img_size, 2 * self.img_size)), -1, int(i)
         except BadImageError as e:
-            return _reason(e, path), -1, int(i)
+            return skip_reason(e, path), -1, int(i)
 
 
 def _kind_of(data: str) -> str:

@@ -162,10 +162,10 @@ def paths_of(index: dict, rows: np.ndarray) -> dict[int, list[str]]:
 
 def query_paths(query: str) -> list[str]:
     """An image file, or every image under a folder (sorted)."""
-    from keel.data.folders import _scan_images
+    from keel.data.folders import scan_images
     path = os.path.expanduser(query)
     if os.path.isdir(path):
-        found = _scan_images(os.path.abspath(path))
+        found = scan_images(os.path.abspath(path))
         if not found:
             raise DataError(f"--query '{query}': no image files in this folder")
         return found
