@@ -78,6 +78,14 @@ def _worker(task: Path) -> None:
     out["t_after"] = t.clone()  # the helpers must not modify their input
     D.barrier()
 
+    # main_first: rank 0's block (slow, writes a file) is over before rank 1's begins
+    import time
+    with D.main_first():
+        if r == 0:
+            time.sleep(0.5)
+            (task / "listed-by-0").write_text("x")
+        out["saw_rank0_file"] = (task / "listed-by-0").is_file()
+
     # gather_with_grad alone, on a tiny linear model wrapped in DDP
     lin = nn.Linear(3, 2)
     lin.load_state_dict(inp["lin"])
@@ -157,6 +165,7 @@ def test_collectives_in_two_processes(ddp_run):
     for r, res in enumerate(results):
         assert res["info"] == [r, WORLD, r, "cpu"]
         assert res["world_size"] == WORLD and res["rank"] == r
+        assert res["saw_rank0_file"]
         torch.testing.assert_close(res["mean"], torch.tensor([1.5, -0.5]))
         torch.testing.assert_close(res["max"], torch.tensor([2.0, 0.0]))
         torch.testing.assert_close(res["t_after"], torch.tensor([float(r + 1), -float(r)]))

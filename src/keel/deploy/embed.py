@@ -317,7 +317,7 @@ def embed(checkpoint: str, data: str, out: str | os.PathLike, *, batch_size: int
     and ``img_size`` is needed); ``keel search`` cannot rebuild it to embed queries."""
     from tqdm.auto import tqdm
 
-    from keel.engine.distributed import barrier, init_distributed
+    from keel.engine.distributed import barrier, init_distributed, main_first
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"--batch-size and --chunk-size must be at least 1 (got {batch_size}, {chunk_size})")
     if dtype not in DTYPES:
@@ -337,12 +337,8 @@ def embed(checkpoint: str, data: str, out: str | os.PathLike, *, batch_size: int
             model, size, name, spec = model.eval(), int(img_size), checkpoint or type(model).__name__, None
         fingerprint = model_fingerprint(model)
         model.to(info.device)
-        # the folder is walked by rank 0 alone; the others read its list
         _kind_of(data)
-        if info.is_main:
-            source = _open_data(data, size, split, out)
-        barrier()
-        if not info.is_main:
+        with main_first():      # the folder is walked by rank 0 alone; the others read its list
             source = _open_data(data, size, split, out)
         if source.count == 0:
             raise DataError(f"--data '{data}' holds no image")

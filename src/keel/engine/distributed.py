@@ -5,6 +5,7 @@ runs on one process or many (``torchrun --nproc_per_node=N``) with no change.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,6 +88,17 @@ def rank() -> int:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """The block runs on rank 0 first, then on the others (rank 0 lists a folder and caches the
+    list; the others read the cache)."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -121,13 +121,10 @@ def _count(data) -> str:
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     check_pooling(cfg)
-    data = None
-    for writer in (True, False):    # rank 0 walks a folder and writes files.json; the others read it
-        if (D.rank() == 0) == writer:
-            data = training_data(cfg.data.source, cfg.data.img_size, cfg.data.crop_from, cfg.data.subset,
-                                 cfg.train.seed, cfg.data.shuffle_buffer, file_list=Path(run_dir) / "files.json",
-                                 exclude=cfg.data.exclude)
-        D.barrier()
+    with D.main_first():            # rank 0 walks a folder and writes files.json; the others read it
+        data = training_data(cfg.data.source, cfg.data.img_size, cfg.data.crop_from, cfg.data.subset,
+                             cfg.train.seed, cfg.data.shuffle_buffer, file_list=Path(run_dir) / "files.json",
+                             exclude=cfg.data.exclude)
     splits = monitor_data(cfg) if cfg.train.knn_every and not is_shards(cfg.data.source) else None
     hooks = [KnnMonitor(splits, cfg.train.knn_every, cfg.data.img_size, max(cfg.eval.knn_k), cfg.eval.knn_t,
                         cfg.train.knn_subset, cfg.eval.batch_size)] if splits else []
