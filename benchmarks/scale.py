@@ -105,10 +105,11 @@ def count_params(name: str, img: int) -> int:
 
 def local_bytes(tensors) -> int:
     """Bytes of this process's part of ``tensors`` (the local shard of a DTensor)."""
+    from keel.engine.parallel import local_tensor
     total = 0
     for t in tensors:
         if torch.is_tensor(t):
-            t = getattr(t, "_local_tensor", t)
+            t = local_tensor(t)
             total += t.numel() * t.element_size()
     return total
 

@@ -134,7 +134,13 @@ def restore(task: nn.Module, full: dict[str, torch.Tensor]) -> None:
 
 def local_numel(module: nn.Module) -> int:
     """Parameters this process holds (its shards, for a sharded module)."""
-    return sum(getattr(p, "_local_tensor", p).numel() for p in module.parameters())
+    return sum(local_tensor(p).numel() for p in module.parameters())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2's parameters, gradients, optimizer state); a plain
+    tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ------------------------------------------------------------------------------- checkpoints
