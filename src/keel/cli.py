@@ -10,10 +10,8 @@ from pathlib import Path
 from keel.cli_clip import add_parser as add_clip_parser
 from keel.cli_clip import cmd_clip
 from keel.cli_detect import add_parser as add_detect_parser
-from keel.cli_embed import add_parsers as add_embed_parsers
-from keel.cli_embed import cmd_dedup, cmd_embed, cmd_search
-from keel.cli_export import add_parsers as add_export_parsers
-from keel.cli_export import cmd_export, cmd_predict
+from keel.cli_deploy import add_parsers as add_deploy_parsers
+from keel.cli_deploy import cmd_dedup, cmd_embed, cmd_export, cmd_predict, cmd_search
 from keel.cli_shards import add_parser as add_shards_parser
 from keel.cli_shards import cmd_shards
 from keel.cli_detect import cmd_detect
@@ -198,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detect_parser(sub, _detect_keys(), fmt)
     add_clip_parser(sub, fmt)
     add_shards_parser(sub, fmt)
-    add_embed_parsers(sub, fmt)
-    add_export_parsers(sub, fmt)
+    add_deploy_parsers(sub, fmt)
 
     sh = sub.add_parser("show", help="pictures from a checkpoint: neighbours, attention maps, MAE reconstructions, "
                                      "text-to-image retrieval",

@@ -169,7 +169,7 @@ def test_runs_that_are_not_classifiers_are_refused(tmp_path):
 
 
 def test_cli(single_run, tmp_path, capsys):
-    from keel.cli_export import add_parsers, cmd_predict
+    from keel.cli_deploy import add_parsers, cmd_predict
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"), argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(["predict", "--checkpoint", str(single_run), "--data", "digits", "-k", "2",

@@ -144,10 +144,10 @@ def test_damaged_or_missing_index(tmp_path):
 def test_the_three_commands_from_the_command_line(tmp_path, capsys):
     import argparse
 
-    from keel import cli_embed
+    from keel import cli_deploy
     parser = argparse.ArgumentParser(prog="keel")
-    cli_embed.add_parsers(parser.add_subparsers(dest="command"))
-    run = {"embed": cli_embed.cmd_embed, "search": cli_embed.cmd_search, "dedup": cli_embed.cmd_dedup}
+    cli_deploy.add_parsers(parser.add_subparsers(dest="command"))
+    run = {"embed": cli_deploy.cmd_embed, "search": cli_deploy.cmd_search, "dedup": cli_deploy.cmd_dedup}
 
     def keel(*argv: str) -> str:
         args = parser.parse_args([str(a) for a in argv])
