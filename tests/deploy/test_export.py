@@ -186,7 +186,7 @@ def test_one_line_errors(finetuned, tmp_path):
 
 
 def test_cli_prints_what_it_checked(finetuned, tmp_path, capsys):
-    from keel.cli_export import add_parsers, cmd_export
+    from keel.cli_deploy import add_parsers, cmd_export
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"), argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(["export", "--checkpoint", str(finetuned), "--format", "torch-export",
