@@ -48,6 +48,15 @@ def _labeled_colors(n=80) -> InMemoryImages:
     return InMemoryImages(images, labels, list(COLORS))
 
 
+def _colors_folder(root: Path, n: int = 40) -> None:
+    """A labeled folder (one sub-folder per colour) of _labeled_colors' images."""
+    data = _labeled_colors(n)
+    for k, c in enumerate(COLORS):
+        (root / c).mkdir(parents=True)
+        for i in (data.labels == k).nonzero().flatten().tolist():
+            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(root / c / f"{i}.png")
+
+
 def _cfg(tmp_path, *extra):
     return load_config(None, [f"data.source={tmp_path / 'pairs'}", "data.img_size=16", "data.vocab_size=300",
                               "data.num_workers=0", "model.image=random:resnet10_cifar", "model.text=text_tiny",
@@ -164,11 +173,7 @@ def _cli(argv):
 
 def test_cli_zeroshot_and_retrieval(trained, tmp_path, capsys):
     tmp, res = trained
-    data = _labeled_colors(40)
-    for k, c in enumerate(COLORS):
-        (tmp_path / "colors" / c).mkdir(parents=True)
-        for i in (data.labels == k).nonzero().flatten().tolist():
-            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(tmp_path / "colors" / c / f"{i}.png")
+    _colors_folder(tmp_path / "colors")
     (tmp_path / "t.txt").write_text("something {}\n")
     assert _cli(["clip", "zeroshot", "--checkpoint", res["run_dir"], "--data", str(tmp_path / "colors"),
                  "--templates", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
@@ -200,11 +205,7 @@ def test_show_retrieval_draws_the_images_closest_to_each_text(trained, tmp_path,
     from keel import show
     from keel.cli import main
     tmp, res = trained
-    data = _labeled_colors(40)
-    for k, c in enumerate(COLORS):
-        (tmp_path / "colors" / c).mkdir(parents=True)
-        for i in (data.labels == k).nonzero().flatten().tolist():
-            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(tmp_path / "colors" / c / f"{i}.png")
+    _colors_folder(tmp_path / "colors")
     drawn = {}
     real = show.plot_retrieval
     monkeypatch.setattr(show, "plot_retrieval", lambda *a, **kw: drawn.update(args=a) or real(*a, **kw))
