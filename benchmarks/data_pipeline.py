@@ -150,8 +150,7 @@ def phase_memory(work: Path, epochs: int = 6) -> dict:
     from keel.data.sources import training_data
     from keel.engine.hooks import Hook
     from keel.engine.trainer import Trainer
-    from keel.models.registry import create_model, model_kwargs
-    from keel.tasks.ssl import build_method
+    from keel.jobs.pretrain import build_pretraining
     photos = make_photos(work / "photos")
     rss = []
 
@@ -162,7 +161,7 @@ def phase_memory(work: Path, epochs: int = 6) -> dict:
     cfg = load_config(None, [f"data.source={photos}", "data.img_size=32", "train.batch_size=50", f"train.epochs={epochs}",
                              "model.name=resnet10_cifar", "train.knn_every=0", "data.num_workers=2"])
     data = training_data(cfg.data.source, cfg.data.img_size, file_list=work / "mem" / "files.json")
-    method = build_method(cfg.method.name, create_model(cfg.model.name, **model_kwargs(cfg)), cfg)
+    method, cfg = build_pretraining(cfg)
     Trainer(cfg, work / "mem", quiet=True).fit(method, data, hooks=[Rss()])
     return {"epochs": epochs, "rss_mb_after_each_epoch": [round(r, 1) for r in rss],
             "growth_mb_after_first": round(rss[-1] - rss[0], 1)}

@@ -193,17 +193,13 @@ def fit_synthetic(cfg, run_dir: Path, n: int) -> None:
     builds a run, minus the data and the export)."""
     import torch
 
-    from keel.config import override
     from keel.data.builtins import InMemoryImages
     from keel.engine.trainer import Trainer
-    from keel.models.registry import create_model, model_kwargs
-    from keel.tasks.ssl import build_method
+    from keel.jobs.pretrain import build_pretraining
 
     size = cfg.data.img_size
     data = InMemoryImages(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), name="synthetic")
-    torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg.method.name, create_model(cfg.model.name, **model_kwargs(cfg)), cfg)
-    cfg = override(cfg, {f"method.{k}": v for k, v in method.used.items()})
+    method, cfg = build_pretraining(cfg)
     Trainer(cfg, run_dir, quiet=True).fit(method, data)
 
 

@@ -88,11 +88,10 @@ def overrides(method: str, mode: str, img: int, batch: int, device: str, steps: 
 
 def build(name: str, cfg):
     """``cfg.method.name`` on the named ViT, as ``keel pretrain`` builds it (seeded the same)."""
-    from keel.models.registry import create_model, model_kwargs
-    from keel.tasks.ssl import build_method
+    from keel.config import override
+    from keel.jobs.pretrain import build_pretraining
     model, extra = MODELS[name]
-    torch.manual_seed(cfg.train.seed)
-    return build_method(cfg.method.name, create_model(model, **model_kwargs(cfg), **extra), cfg)
+    return build_pretraining(override(cfg, {"model.name": model}), **extra)[0]
 
 
 def count_params(name: str, img: int) -> int:

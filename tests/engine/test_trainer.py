@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -130,6 +131,10 @@ def test_resume_after_a_crash_redoes_the_lost_steps(run_a, tiny_cfg_factory, tmp
         fit(tiny_cfg_factory("train.ckpt_every=3"), run_b, method_cls=NaNAfter)
     assert [m["step"] for m in metrics(run_b)] == [1, 2, 3, 4]
     assert load_checkpoint(run_b)["step"] == 3
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<counter>. A resume in the
+    # same process and second would sort by this process's counter (9 before 10) and could read the
+    # resumed file first; a real resume is another process, seconds later
+    time.sleep(1.1)
     pretrain(tiny_cfg_factory("train.ckpt_every=3"), run_b, resume=True, quiet=True)
     assert_same_losses(dir_a, run_b)
     assert_same_weights(dir_a, run_b)

@@ -118,6 +118,15 @@ def _count(data) -> str:
     return f"{len(data)} files" + (f", {good} decodable" if good is not None else "")
 
 
+def build_pretraining(cfg: RunConfig, **model_extra) -> tuple[torch.nn.Module, RunConfig]:
+    """The method on ``cfg``'s backbone, seeded as ``keel pretrain`` builds it, and ``cfg`` with the
+    values the method runs with (its defaults filled in: what config.yaml records). ``model_extra``:
+    more ``create_model`` keywords (benchmarks' model sizes)."""
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg.method.name, create_model(cfg.model.name, **model_kwargs(cfg), **model_extra), cfg)
+    return method, override(cfg, {f"method.{k}": v for k, v in method.used.items()})
+
+
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: Path | None = None) -> dict:
     """Everything is checked (data, model, method) before the first step runs."""
     check_pooling(cfg)
@@ -128,11 +137,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, init_from: 
     splits = monitor_data(cfg) if cfg.train.knn_every and not is_shards(cfg.data.source) else None
     hooks = [KnnMonitor(splits, cfg.train.knn_every, cfg.data.img_size, max(cfg.eval.knn_k), cfg.eval.knn_t,
                         cfg.train.knn_subset, cfg.eval.batch_size)] if splits else []
-    torch.manual_seed(cfg.train.seed)
-    backbone = create_model(cfg.model.name, **model_kwargs(cfg))
-    method = build_method(cfg.method.name, backbone, cfg)
-    # config.yaml records the values the method runs with, its defaults included
-    cfg = override(cfg, {f"method.{k}": v for k, v in method.used.items()})
+    method, cfg = build_pretraining(cfg)
+    backbone = method.backbone
     trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
     if not quiet and trainer.dist.is_main:
         n_params = sum(p.numel() for p in backbone.parameters()) / 1e6
