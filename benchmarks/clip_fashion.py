@@ -24,7 +24,7 @@ the same image tower; retrieval recall@1/5/10 both ways; fusion vs image-only an
 linear top-1 of the image tower after CLIP and after SimCLR with the same images, epochs and batch;
 every figure for each of ``--seeds`` (training seeds; the captions stay the same) and their mean/std.
 
-    python benchmarks/clip_fashion.py            # 2 CPU cores, ~45 min: 15k pairs, 8 epochs, 3 seeds
+    python benchmarks/clip_fashion.py            # 2 CPU cores, about an hour: 15k pairs, 8 epochs, 3 seeds
     python benchmarks/clip_fashion.py --quick    # a smoke run (about 30 s): 2k pairs, 1 epoch, 1 seed
 """
 from __future__ import annotations
