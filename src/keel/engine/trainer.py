@@ -225,9 +225,10 @@ class Trainer:
                 resident["labels"] = resident["labels"].to(self.device)
         model = task
         if world > 1 and not self.sharded:     # FSDP reduces the gradients itself
-            # gradients as views into the all-reduce buckets: no second copy of them (ViT-L: 1.2 GB)
+            # gradient_as_bucket_view was tried: with zero_grad(set_to_none=True) each step's gradients
+            # are allocated anew, and peak memory did not move (benchmarks/scale.py, 2026-12-06)
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                        else None, gradient_as_bucket_view=True)
+                                                        else None)
         if tc.compile:
             model = torch.compile(model)
 
