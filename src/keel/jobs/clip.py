@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from keel import __version__, hub
+from keel import hub
 from keel.config import ConfigError, load_config, to_dict
 from keel.data.pairs import PairData, PairRecords, pair_source
 from keel.data.sources import check_crop_from
@@ -31,6 +31,7 @@ from keel.models.registry import create_model
 from keel.models.text import CaptionTokenizer, create_text_model, list_text_models
 from keel.tasks.clip import ClipTask
 from keel.tasks.clip_config import ClipConfig
+from keel.version import __version__
 
 
 def check(cfg: ClipConfig) -> None:
