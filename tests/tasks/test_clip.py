@@ -161,6 +161,13 @@ def test_caption_shards(tmp_path):
     assert by_device["skipped"].tolist() == [raw[2][0]] and by_device["reasons"] == ["empty text"]
     assert by_device["labels"].flatten().tolist() == [len(m["txt"].decode().strip()) for k, m in raw if k != raw[2][0]]
 
+    # keel clip train from the shards, end to end: the tokenizer from their captions, every pair used
+    res = clip_train(_cfg(tmp_path, f"data.source=shards:{tmp_path / 'shards'}", "train.epochs=2",
+                          "train.batch_size=8", "data.num_workers=0"), tmp_path / "run", quiet=True)
+    assert res["pairs"] == len(texts) == 16 and res["steps"] == 4 and res["skipped_images"] == 0
+    task, tok = load_clip(tmp_path / "run")
+    assert tok.encode(["a photo of a red square"]).shape[0] == 1 and task.img_size == 16
+
 
 def _cli(argv):
     import argparse
