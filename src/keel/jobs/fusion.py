@@ -5,9 +5,9 @@ The towers embed each labeled pair once; an image-only, a text-only, a late-fusi
 an attention-fusion head train on the same split (every 5th pair held out) with ``train.epochs``
 and ``train.seed``, and all four test top-1 go into result.json side by side. The head named by
 ``task.fusion`` is kept: ``fusion.safetensors`` (its weights and the embeddings' standardisation)
-and ``fusion.json`` (how to rebuild it, the class names, the image-text run it reads).
-:func:`fusion_from_run` is the same comparison without a run directory (``keel clip fusion``).
-:func:`load_fusion` gives it back. The other fine-tuning keys (views, recipes, distillation) are for
+and ``fusion.json`` (how to rebuild it, the class names, the image-text run it reads);
+:func:`load_fusion` gives it back. :func:`fusion_from_run` is the same comparison without a run
+directory (``keel clip fusion``). The other fine-tuning keys (views, recipes, distillation) are for
 images alone and are not used here.
 """
 from __future__ import annotations
