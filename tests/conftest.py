@@ -116,6 +116,31 @@ def _start_workers(script: str, task, world: int, timeout: float):
     return procs, logs
 
 
+class Killed(Exception):
+    """What :func:`kill_at_step` raises: a run that dies mid-way (a kill, a lost node)."""
+
+
+@pytest.fixture
+def kill_at_step(monkeypatch):
+    """``with kill_at_step(TaskClass, n): run()``: the task's n-th training step raises
+    :class:`Killed` (and the block expects it); the step is restored afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def kill(cls, n: int):
+        real, calls = cls.training_step, []
+
+        def step(self, batch):
+            calls.append(1)
+            if len(calls) == n:
+                raise Killed
+            return real(self, batch)
+        with monkeypatch.context() as m, pytest.raises(Killed):
+            m.setattr(cls, "training_step", step)
+            yield
+    return kill
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """``free_port()`` -> a TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""

@@ -146,29 +146,16 @@ def test_resume_after_a_crash_redoes_the_lost_steps(run_a, tiny_cfg_factory, tmp
     assert sorted(steps) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
-def test_the_same_run_started_again_continues_from_its_checkpoint(run_a, tiny_cfg_factory, tmp_path, capsys):
+def test_the_same_run_started_again_continues_from_its_checkpoint(run_a, tiny_cfg_factory, tmp_path, capsys,
+                                                                  kill_at_step):
     """A requeued job or a restarted pod runs the same command again, without --resume: with
     train.auto_resume (default) it continues and ends as the uninterrupted run; another config in
     that directory, or auto_resume off, starts over."""
     _, dir_a, _, _ = run_a
 
-    class Killed(Exception):
-        pass
-
     def killed_at_step_5(run_dir, *extra):
-        real, calls = SimCLR.training_step, []
-
-        def step(self, batch):
-            calls.append(1)
-            if len(calls) == 5:
-                raise Killed
-            return real(self, batch)
-        SimCLR.training_step = step
-        try:
-            with pytest.raises(Killed):
-                pretrain(tiny_cfg_factory("train.ckpt_every=3", *extra), run_dir, quiet=True)
-        finally:
-            SimCLR.training_step = real
+        with kill_at_step(SimCLR, 5):
+            pretrain(tiny_cfg_factory("train.ckpt_every=3", *extra), run_dir, quiet=True)
         assert load_checkpoint(run_dir)["step"] == 3
 
     run_b = tmp_path / "b"

@@ -45,7 +45,7 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "clip.safetensors"))
 
 
-def test_a_killed_run_resumed_ends_as_an_unbroken_one(tmp_path, monkeypatch):
+def test_a_killed_run_resumed_ends_as_an_unbroken_one(tmp_path, kill_at_step):
     root = tmp_path / "pairs"
     root.mkdir()
     pairs = _pairs(48)
@@ -55,21 +55,8 @@ def test_a_killed_run_resumed_ends_as_an_unbroken_one(tmp_path, monkeypatch):
     extra = (f"data.source={root}", "train.ckpt_every=2", "train.epochs=2", "data.crop_scale_min=0.5")
     clip_train(_cfg(tmp_path, *extra), tmp_path / "whole", quiet=True)
 
-    class Killed(Exception):
-        pass
-
-    real, calls = ClipTask.training_step, []
-
-    def dies_at_step_5(self, batch):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Killed
-        return real(self, batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(ClipTask, "training_step", dies_at_step_5)
-        with pytest.raises(Killed):
-            clip_train(_cfg(tmp_path, *extra), tmp_path / "cut", quiet=True)
+    with kill_at_step(ClipTask, 5):
+        clip_train(_cfg(tmp_path, *extra), tmp_path / "cut", quiet=True)
     assert not (tmp_path / "cut" / "clip.safetensors").exists()
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
 
